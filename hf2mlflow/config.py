@@ -1,0 +1,232 @@
+"""Typed configs for hardware targets and models, loaded from configs/*.yaml.
+
+Every error names the file, the key and what is allowed, and is raised before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Literal, Optional, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hf2mlflow import CONFIGS_DIR
+from hf2mlflow.errors import ConfigError
+
+ExecutionProvider = Literal["cpu", "cuda", "dml", "webgpu"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+
+# Combinations the onnxruntime-genai model builder produces (design.md section 2).
+VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "int8", "int4"),
+    "cuda": ("fp32", "fp16", "bf16", "int8", "int4"),
+    "dml": ("fp16", "int4"),
+    "webgpu": ("int8", "int4"),
+}
+BUILTIN_MODELS = ("tiny-phi3", "tiny-qwen2")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuilderOptions(Strict):
+    """`--extra_options` of onnxruntime_genai.models.builder (only the ones we support)."""
+
+    block_size: Optional[Literal[16, 32, 64, 128, 256]] = Field(None, description="int4/int8 quantization block size")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(None, description="MatMulNBits compute accuracy (4 = int8)")
+    algo_config: Optional[Literal["default", "rtn", "k_quant"]] = Field(None, description="weight-only quantization method")
+    is_symmetric: Optional[bool] = None
+    op_types_to_quantize: Optional[str] = Field(None, description="e.g. MatMul/Gather")
+    nodes_to_exclude: Optional[str] = None
+    matmul_mixed_precision: Optional[str] = Field(None, description="e.g. last_matmul:int8")
+    shared_embeddings: Optional[bool] = None
+    prune_lm_head: Optional[bool] = None
+    disable_qkv_fusion: Optional[bool] = None
+    use_qdq: Optional[bool] = None
+    enable_cuda_graph: Optional[bool] = None
+    enable_dml_graph: Optional[bool] = None
+    enable_webgpu_graph: Optional[bool] = None
+    use_cuda_bf16: Optional[bool] = None
+    use_webgpu_fp32: Optional[bool] = None
+
+    def as_cli(self) -> list[str]:
+        """KEY=VALUE strings for the builder; booleans as the builder spells them."""
+        out = []
+        for key, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            out.append(f"{key}={value}")
+        return out
+
+
+QUANTIZATION_OPTIONS = ("block_size", "accuracy_level", "algo_config", "is_symmetric",
+                        "op_types_to_quantize", "nodes_to_exclude", "matmul_mixed_precision")
+
+
+class Generation(Strict):
+    """Generation defaults used by the served models and by validation."""
+
+    max_new_tokens: int = Field(256, gt=0, le=131072)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 means no top-k filter")
+
+
+class TransformersSettings(Strict):
+    """Where the transformers (PyTorch) flavor of the same model runs for this target."""
+
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float32", "float16", "bfloat16"]
+
+    @model_validator(mode="after")
+    def _fp16_needs_cuda(self):
+        if self.dtype == "float16" and self.device != "cuda":
+            raise ValueError("dtype 'float16' needs device 'cuda'; on 'cpu' use 'float32' or 'bfloat16'")
+        return self
+
+
+class Target(Strict):
+    """A hardware target: what the ONNX model is built for."""
+
+    name: str
+    description: str = ""
+    execution_provider: ExecutionProvider
+    precision: Precision
+    builder_options: BuilderOptions = BuilderOptions()
+    generation: Generation = Generation()
+    transformers: TransformersSettings
+
+    @model_validator(mode="after")
+    def _valid_combination(self):
+        allowed = VALID_PRECISIONS[self.execution_provider]
+        if self.precision not in allowed:
+            raise ValueError(
+                f"precision '{self.precision}' is not built for execution_provider '{self.execution_provider}'; "
+                f"allowed precisions for {self.execution_provider}: {', '.join(allowed)}")
+        quant = [k for k in QUANTIZATION_OPTIONS if getattr(self.builder_options, k) is not None]
+        if quant and self.precision not in ("int4", "int8"):
+            raise ValueError(f"builder_options {', '.join(quant)} only apply to precision int4 or int8, "
+                             f"not '{self.precision}'")
+        return self
+
+
+class ModelSpec(Strict):
+    """Where a model comes from: exactly one of hub_id, local_path or builtin."""
+
+    name: str
+    description: str = ""
+    hub_id: Optional[str] = Field(None, description="Hugging Face repo id, e.g. microsoft/Phi-3-mini-4k-instruct")
+    revision: str = Field("main", description="branch, tag or commit sha on the hub; pin a sha to reproduce")
+    local_path: Optional[Path] = None
+    builtin: Optional[Literal["tiny-phi3", "tiny-qwen2"]] = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("hub_id", "local_path", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of hub_id, local_path, builtin (got: {', '.join(given) or 'none'})")
+        if self.hub_id is not None and not HUB_ID.match(self.hub_id):
+            raise ValueError(f"hub_id '{self.hub_id}' is not a Hugging Face repo id like 'org/name'")
+        return self
+
+    @property
+    def source(self) -> str:
+        return "hub" if self.hub_id else "local" if self.local_path else "builtin"
+
+
+def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that `loc` points into."""
+    for part in loc:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            break
+        ann = cls.model_fields[part].annotation
+        candidates = [ann, *get_args(ann)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            break
+        cls = nested[0]
+    return list(cls.model_fields)
+
+
+def _describe(cls: type[BaseModel], path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid {cls.__name__.lower()} config"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(cls, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key; allowed keys: {', '.join(allowed)}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("value_error",) and "input" in e:
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  key '{key}': {msg}")
+    return "\n".join(lines)
+
+
+def _load_yaml(cls: type[BaseModel], path: Path):
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    if data.get("name") not in (None, path.stem):
+        raise ConfigError(f"{path}: key 'name': '{data['name']}' must match the file name '{path.stem}'")
+    data.setdefault("name", path.stem)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(cls, path, err)) from None
+
+
+def shipped(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
+
+
+def _find(kind: str, name_or_path: str) -> Optional[Path]:
+    candidate = Path(os.path.expanduser(name_or_path))
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"{kind[:-1]} config file not found: {candidate}")
+        return candidate
+    shipped_file = CONFIGS_DIR / kind / f"{name_or_path}.yaml"
+    return shipped_file if shipped_file.is_file() else None
+
+
+def load_target(name_or_path: str) -> Target:
+    """A shipped target name (configs/targets/NAME.yaml) or a path to a target YAML file."""
+    path = _find("targets", name_or_path)
+    if path is None:
+        raise ConfigError(f"unknown target '{name_or_path}'; shipped targets: {', '.join(shipped('targets'))} "
+                          f"(or give a path to a target .yaml file)")
+    return _load_yaml(Target, path)
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A shipped model name, a model YAML file, a local Hugging Face folder or a hub id."""
+    path = _find("models", name_or_path)
+    if path is not None:
+        return _load_yaml(ModelSpec, path)
+    local = Path(os.path.expanduser(name_or_path))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if local.is_dir():
+        return ModelSpec(name=local.name, local_path=local.resolve())
+    if HUB_ID.match(name_or_path) and not looks_like_path:
+        return ModelSpec(name=name_or_path.split("/")[1], hub_id=name_or_path)
+    if looks_like_path and "/" in name_or_path:
+        raise ConfigError(f"model folder not found: {local}")
+    raise ConfigError(f"unknown model '{name_or_path}'; shipped models: {', '.join(shipped('models'))}, "
+                      f"or a Hugging Face repo id like 'microsoft/Phi-3-mini-4k-instruct', "
+                      f"or a local folder with config.json, or a model .yaml file")

@@ -1,0 +1,72 @@
+"""Turn a ModelSpec into a local Hugging Face folder: built-in, local folder or hub download."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hf2mlflow.config import ModelSpec
+from hf2mlflow.errors import StepError
+
+# What the builder (and later steps) need; never the .bin/.pth duplicates some repos carry.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+class ModelSourceError(StepError):
+    """The model cannot be found, downloaded or read."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: ModelSpec
+    path: Path
+    architecture: str
+    revision: Optional[str]  # the resolved commit for hub models
+
+
+def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    print(f"[model] downloading {spec.hub_id}@{spec.revision} from the Hugging Face hub (cached after the first time)")
+    try:
+        path = Path(snapshot_download(spec.hub_id, revision=spec.revision, cache_dir=cache_dir or None,
+                                      allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise ModelSourceError(f"model '{spec.hub_id}' is gated: accept its licence on the hub and log in "
+                               f"with `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"unknown model id '{spec.hub_id}': no such repository on the Hugging Face hub "
+                               f"(or it is private and no token is set)") from None
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"model '{spec.hub_id}' has no revision '{spec.revision}'") from None
+    except LocalEntryNotFoundError as exc:
+        raise ModelSourceError(
+            f"cannot reach the Hugging Face hub for '{spec.hub_id}' and it is not in the local cache "
+            f"({type(exc).__name__}). Download it once with network access, point -P model at a local folder, "
+            f"or run offline with a built-in model: -P model=tiny-phi3") from None
+    return path, path.name  # snapshot folders are named by commit sha
+
+
+def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedModel:
+    """A local folder holding config.json, weights and tokenizer for `spec`."""
+    revision = None
+    if spec.builtin:
+        from hf2mlflow.tiny_models import tiny_model_path
+        path = tiny_model_path(spec.builtin)
+    elif spec.local_path:
+        path = Path(spec.local_path).expanduser()
+        if not path.is_dir():
+            raise ModelSourceError(f"model '{spec.name}': local folder not found: {path}")
+    else:
+        path, revision = _hub_download(spec, cache_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"model '{spec.name}': {path} has no config.json; it is not a Hugging Face model folder")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if not architectures:
+        raise ModelSourceError(f"model '{spec.name}': {config_file} names no 'architectures'")
+    return ResolvedModel(spec, path, architectures[0], revision)
