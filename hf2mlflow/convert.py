@@ -17,7 +17,7 @@ from hf2mlflow.manifest import build_manifest
 from hf2mlflow.sources import resolve_model
 from hf2mlflow.tiny_models import home
 from hf2mlflow.tracking import log_params_once, print_run_summary
-from hf2mlflow.validate import validate_genai_model
+from hf2mlflow.validate import check_genai_files, validate_genai_model
 
 STEP = "convert_onnx"
 ONNX_ARTIFACT_PATH = "onnx"
@@ -90,7 +90,8 @@ def _convert_in_run(spec, target, cache_dir: str) -> None:
         mlflow.log_metrics({"conversion_seconds": build.seconds, "builder_peak_rss_bytes": build.peak_rss_bytes})
         print(f"[{STEP}] built in {build.seconds:.1f} s, builder peak RSS {build.peak_rss_bytes / 2**20:.0f} MiB")
 
-        print(f"[{STEP}] 3/4 validating: load with onnxruntime-genai and generate from a chat prompt")
+        print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
+        check_genai_files(out, target.execution_provider)
         if target.execution_provider == "cpu":
             check = validate_genai_model(out)
             mlflow.log_dict(check.to_dict(), "validation.json")
@@ -100,8 +101,8 @@ def _convert_in_run(spec, target, cache_dir: str) -> None:
             print(f"[{STEP}] generated {len(check.new_tokens)} tokens: {check.text!r}")
         else:
             # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
-            mlflow.set_tag("validation", f"skipped: needs a {target.execution_provider} device")
-            print(f"[{STEP}] validation skipped: a {target.execution_provider} model needs that device to run")
+            mlflow.set_tag("validation", f"graph checked; generation skipped: needs a {target.execution_provider} device")
+            print(f"[{STEP}] graph checked; generation skipped: a {target.execution_provider} model needs that device")
 
         print(f"[{STEP}] 4/4 logging artifacts")
         manifest = build_manifest(out)

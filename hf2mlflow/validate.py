@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def check_genai_files(model_dir: Path, execution_provider: str) -> None:
+    """Without running it: genai_config.json names this provider, and the graph has the inputs,
+    outputs and per-layer KV cache that genai_config.json promises."""
+    import onnx
+
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    providers = [name for opts in decoder.get("session_options", {}).get("provider_options", []) for name in opts]
+    if execution_provider != "cpu" and execution_provider not in providers:
+        raise ValueError(f"{model_dir}/genai_config.json: provider_options name {providers or 'no provider'}, "
+                         f"expected '{execution_provider}'")
+    graph = onnx.load(str(model_dir / decoder["filename"]), load_external_data=False).graph
+    have = {v.name for v in graph.input} | {v.name for v in graph.output}
+    layers = range(decoder["num_hidden_layers"])
+    wanted = [decoder["inputs"]["input_ids"], decoder["outputs"]["logits"]]
+    for key in ("past_key_names", "past_value_names"):
+        wanted += [decoder["inputs"][key] % i for i in layers]
+    for key in ("present_key_names", "present_value_names"):
+        wanted += [decoder["outputs"][key] % i for i in layers]
+    missing = [name for name in wanted if name not in have]
+    if missing:
+        raise ValueError(f"{model_dir}/{decoder['filename']}: graph lacks {', '.join(missing[:6])} "
+                         f"that genai_config.json names")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+import textwrap
+
+import pytest
+
+from hf2mlflow.config import VALID_PRECISIONS, load_model, load_target, shipped
+from hf2mlflow.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", shipped("targets"))
+def test_every_shipped_target_loads(name):
+    target = load_target(name)
+    assert target.name == name
+    assert target.precision in VALID_PRECISIONS[target.execution_provider]
+
+
+@pytest.mark.parametrize("name", shipped("models"))
+def test_every_shipped_model_loads(name):
+    assert load_model(name).name == name
+
+
+def test_the_required_targets_and_models_are_shipped():
+    assert {"cpu-int4", "cpu-int8", "cpu-fp32", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4"} <= set(
+        shipped("targets"))
+    assert {"phi3-mini-4k-instruct", "phi3-mini-128k-instruct", "phi3.5-mini-instruct", "phi4-mini-instruct",
+            "tiny-phi3", "tiny-qwen2"} <= set(shipped("models"))
+
+
+def test_cpu_int4_is_microsofts_published_build():
+    t = load_target("cpu-int4")
+    assert (t.execution_provider, t.precision) == ("cpu", "int4")
+    assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=rtn"]
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+TARGET = """\
+execution_provider: cpu
+precision: int4
+transformers: {device: cpu, dtype: float32}
+"""
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("precission: int4\nexecution_provider: cpu\ntransformers: {device: cpu, dtype: float32}\n",
+     "precission", ["unknown key", "allowed keys:", "did you mean 'precision'"]),
+    (TARGET + "builder_options: {blocksize: 32}\n", "builder_options.blocksize",
+     ["unknown key", "block_size", "accuracy_level"]),
+    (TARGET.replace("cpu\nprecision", "tpu\nprecision"), "execution_provider", ["'cpu'", "'cuda'", "'dml'", "'webgpu'"]),
+    (TARGET.replace("int4", "fp16"), "(top level)",
+     ["precision 'fp16'", "execution_provider 'cpu'", "allowed precisions for cpu: fp32, int8, int4"]),
+    (TARGET + "builder_options: {block_size: big}\n", "builder_options.block_size", ["16", "256", "'big'"]),
+    (TARGET.replace("int4", "fp32") + "builder_options: {block_size: 32}\n", "(top level)",
+     ["block_size only apply to precision int4 or int8"]),
+    (TARGET.replace("float32", "float16"), "transformers", ["'float16' needs device 'cuda'"]),
+    ("execution_provider: cpu\nprecision: int4\n", "transformers", ["required key is missing"]),
+    (TARGET + "generation: {temperature: -1}\n", "generation.temperature", ["greater than or equal to 0"]),
+])
+def test_bad_target_names_file_key_and_allowed(tmp_path, text, key, expected):
+    path = write(tmp_path, "bad-target", text)
+    with pytest.raises(ConfigError) as err:
+        load_target(path)
+    message = str(err.value)
+    assert path in message and f"key '{key}'" in message
+    for part in expected:
+        assert part in message
+
+
+def test_name_must_match_file(tmp_path):
+    with pytest.raises(ConfigError, match="key 'name': 'other' must match the file name 'mine'"):
+        load_target(write(tmp_path, "mine", "name: other\n" + TARGET))
+
+
+def test_unknown_target_lists_shipped():
+    with pytest.raises(ConfigError, match="unknown target 'cpu-int3'; shipped targets: cpu-fp32, cpu-int4"):
+        load_target("cpu-int3")
+
+
+def test_missing_target_file():
+    with pytest.raises(ConfigError, match="target config file not found: /nope/t.yaml"):
+        load_target("/nope/t.yaml")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("hub_id: a/b\nbuiltin: tiny-phi3\n", "set exactly one of hub_id, local_path, builtin (got: hub_id, builtin)"),
+    ("revision: main\n", "got: none"),
+    ("hub_id: not a repo\n", "is not a Hugging Face repo id"),
+    ("builtin: tiny-gpt9\n", "'tiny-phi3' or 'tiny-qwen2'"),
+    ("hub_id: a/b\ntrust_remote_code: maybe\n", "key 'trust_remote_code'"),
+])
+def test_bad_model_config(tmp_path, text, expected):
+    path = write(tmp_path, "bad-model", text)
+    with pytest.raises(ConfigError) as err:
+        load_model(path)
+    assert path in str(err.value) and expected in str(err.value)
+
+
+def test_model_argument_forms(tmp_path):
+    assert load_model("tiny-phi3").builtin == "tiny-phi3"
+    hub = load_model("microsoft/Phi-3-mini-4k-instruct")
+    assert (hub.source, hub.hub_id, hub.revision) == ("hub", "microsoft/Phi-3-mini-4k-instruct", "main")
+    local = load_model(str(tmp_path))
+    assert (local.source, local.local_path) == ("local", tmp_path)
+    with pytest.raises(ConfigError, match="model folder not found: .*/no/such/folder"):
+        load_model(str(tmp_path / "no" / "such" / "folder"))
+    with pytest.raises(ConfigError, match="unknown model 'phi-7'; shipped models: .*tiny-phi3"):
+        load_model("phi-7")

@@ -1,0 +1,152 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from conftest import all_runs
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.errors import ConfigError
+from hf2mlflow.genai_builder import BuilderError, supported_architectures
+from hf2mlflow.manifest import verify_manifest
+from hf2mlflow.sources import ModelSourceError
+
+STEP = str(PROJECT_ROOT / "steps" / "convert_onnx.py")
+
+
+@pytest.mark.parametrize("model, target, architecture", [
+    ("tiny-phi3", "cpu-int4", "Phi3ForCausalLM"),
+    ("tiny-qwen2", "cpu-int4", "Qwen2ForCausalLM"),
+    ("tiny-phi3", "cpu-fp32", "Phi3ForCausalLM"),
+])
+def test_convert_logs_a_validated_model(tracking, tmp_path, model, target, architecture):
+    run_id = convert(ConvertArgs(model=model, target=target))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["step"] == "convert_onnx"
+    assert (run.data.tags["model"], run.data.tags["target"]) == (model, target)
+    assert run.data.tags["mlflow.runName"] == f"{model}-{target}"
+    params = run.data.params
+    assert params["architecture"] == architecture
+    assert params["model_source"] == "builtin" and params["builder_version"] == "0.15.2"
+    assert params["precision"] == target.split("-")[1] and params["execution_provider"] == "cpu"
+    if target == "cpu-int4":
+        assert (params["builder_option.block_size"], params["builder_option.accuracy_level"]) == ("32", "4")
+    metrics = run.data.metrics
+    assert metrics["conversion_seconds"] > 0
+    assert 100 * 2**20 < metrics["builder_peak_rss_bytes"] < 8 * 2**30
+    assert metrics["validation_new_tokens"] == 8 and metrics["validation_tokenizer_match"] == 1.0
+
+    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(tmp_path / "dl")))
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {
+        p.name for p in onnx_dir.iterdir()}
+    manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/manifest.json")
+    assert verify_manifest(onnx_dir, manifest) == []
+    assert set(manifest["files"]) == {str(p.relative_to(onnx_dir)) for p in onnx_dir.rglob("*") if p.is_file()}
+    assert metrics["artifact_bytes"] == manifest["total_bytes"] == sum(
+        p.stat().st_size for p in onnx_dir.rglob("*") if p.is_file())
+    validation = mlflow.artifacts.load_dict(f"runs:/{run_id}/validation.json")
+    assert validation["prompt"].endswith(("<|assistant|>\n", "<|im_start|>assistant\n"))
+    assert len(validation["new_tokens"]) == 8
+
+
+def test_quantized_is_smaller_than_fp32(tracking):
+    sizes = {t: mlflow.get_run(convert(ConvertArgs(model="tiny-qwen2", target=t))).data.metrics["artifact_bytes"]
+             for t in ("cpu-int4", "cpu-fp32")}
+    assert sizes["cpu-int4"] < sizes["cpu-fp32"]
+
+
+def test_gpu_target_is_built_and_checked_without_a_gpu(tracking):
+    run = mlflow.get_run(convert(ConvertArgs(model="tiny-phi3", target="cuda-fp16")))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["validation"] == "graph checked; generation skipped: needs a cuda device"
+    config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/onnx/genai_config.json")
+    assert "cuda" in config["model"]["decoder"]["session_options"]["provider_options"][0]
+
+
+def test_config_errors_start_no_run(tracking):
+    with pytest.raises(ConfigError, match="unknown target"):
+        convert(ConvertArgs(model="tiny-phi3", target="cpu-fp16"))
+    with pytest.raises(ConfigError, match="model folder not found"):
+        convert(ConvertArgs(model="/no/such/model", target="cpu-int4"))
+    with pytest.raises(ConfigError, match="revision 'abc' only applies to hub models"):
+        convert(ConvertArgs(model="tiny-phi3", target="cpu-int4", revision="abc"))
+    assert all_runs(tracking) == []
+
+
+def only_run(tracking_uri):
+    (run,) = all_runs(tracking_uri)
+    return run
+
+
+def test_unsupported_architecture_fails_the_run(tracking, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
+    with pytest.raises(BuilderError) as err:
+        convert(ConvertArgs(model=str(folder), target="cpu-int4"))
+    assert "architecture GPT2LMHeadModel" in str(err.value)
+    assert "supported: " in str(err.value) and "Phi3ForCausalLM" in str(err.value)
+    run = only_run(tracking)
+    assert run.info.status == "FAILED" and "GPT2LMHeadModel" in run.data.tags["error"]
+
+
+def test_supported_architectures_come_from_the_installed_builder():
+    archs = supported_architectures()
+    assert {"Phi3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"} <= set(archs)
+    assert "GPT2LMHeadModel" not in archs
+
+
+def test_offline_hub_model_says_how_to_run_offline(tracking):
+    with pytest.raises(ModelSourceError) as err:
+        convert(ConvertArgs(model="someorg/not-cached-model", target="cpu-int4"))
+    assert "cannot reach the Hugging Face hub for 'someorg/not-cached-model'" in str(err.value)
+    assert "-P model=tiny-phi3" in str(err.value)
+    assert only_run(tracking).info.status == "FAILED"
+
+
+def test_unreachable_hub_from_the_step_script(tracking, tmp_path):
+    # A real connection attempt to a closed port on this machine, no offline flag.
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
+               HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    proc = subprocess.run([sys.executable, STEP, "--model", "someorg/some-model", "--target", "cpu-int4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "[convert_onnx] FAILED: cannot reach the Hugging Face hub for 'someorg/some-model'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert only_run(tracking).info.status == "FAILED"
+
+
+def test_builder_killed_fails_the_run_with_the_reason(tracking):
+    killed = []
+
+    def kill_builder():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if "onnxruntime_genai.models.builder" in " ".join(child.cmdline()):
+                        time.sleep(1.0)  # let it get going
+                        child.send_signal(signal.SIGKILL)
+                        killed.append(child.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_builder)
+    watcher.start()
+    with pytest.raises(BuilderError, match="killed by SIGKILL .*out-of-memory killer"):
+        convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+    watcher.join()
+    assert killed
+    run = only_run(tracking)
+    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags["error"]
