@@ -1,0 +1,43 @@
+"""The entry point as users run it: `mlflow run . -e convert_onnx`."""
+
+import os
+import subprocess
+
+import mlflow
+
+from conftest import all_runs
+from hf2mlflow import PROJECT_ROOT
+
+
+def mlflow_run(tracking_uri, *params):
+    command = ["mlflow", "run", str(PROJECT_ROOT), "-e", "convert_onnx", "--env-manager", "local"]
+    for p in params:
+        command += ["-P", p]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_mlflow_run_converts_and_prints_where_results_went(tracking):
+    proc = mlflow_run(tracking, "model=tiny-qwen2", "target=cpu-int4", "output_name=qwen-demo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = all_runs(tracking)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model"] == "tiny-qwen2" and run.data.params["output_name"] == "qwen-demo"
+    assert run.data.tags["mlflow.runName"] == "qwen-demo"
+    assert run.data.tags["mlflow.project.entryPoint"] == "convert_onnx"
+    assert f"ONNX model: runs:/{run.info.run_id}/onnx" in proc.stdout
+    assert "[builder]" in proc.stdout  # the builder's progress is shown
+    files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "onnx")}
+    assert {"onnx/model.onnx", "onnx/model.onnx.data", "onnx/genai_config.json"} <= files
+
+
+def test_mlflow_run_bad_config_fails_clearly(tracking, tmp_path):
+    bad = tmp_path / "my-target.yaml"
+    bad.write_text("execution_provider: cpu\nprecision: fp16\ntransformers: {device: cpu, dtype: float32}\n")
+    proc = mlflow_run(tracking, "model=tiny-phi3", f"target={bad}")
+    assert proc.returncode != 0
+    assert f"{bad}: invalid target config" in proc.stderr
+    assert "precision 'fp16' is not built for execution_provider 'cpu'" in proc.stderr
+    assert "Loading" not in proc.stdout and "[builder]" not in proc.stdout  # failed before any model work
+    (run,) = all_runs(tracking)
+    assert run.info.status == "FAILED"
