@@ -1,0 +1,138 @@
+"""The OpenAI chat-completions request and response, as MLflow's llm/v1/chat speaks them.
+
+Pure Python (no torch, no transformers): it ships with the logged pyfunc model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROLES = ("system", "user", "assistant")
+REQUEST_KEYS = ("messages", "temperature", "top_p", "top_k", "max_tokens", "stop", "n", "stream", "seed",
+                "custom_inputs", "frequency_penalty", "presence_penalty")
+MAX_N = 8
+
+
+class ChatRequestError(ValueError):
+    """A request that does not follow the chat schema; the message says what is allowed."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: Optional[int] = None
+    stream: bool = False
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(body: dict, key: str, kind, low, high, default):
+    value = body.get(key)
+    if _missing(value):
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+        raise ChatRequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not low <= value <= high:
+        raise ChatRequestError(f"'{key}' must be between {low} and {high}, got {value}")
+    return kind(value)
+
+
+def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> ChatRequest:
+    """Validate one chat request against the schema and fill in the target's generation defaults."""
+    if not isinstance(body, dict):
+        raise ChatRequestError(f"a chat request is an object with 'messages', got {type(body).__name__}")
+    body = {k: v for k, v in body.items() if not _missing(v) or k == "messages"}
+    unknown = sorted(set(body) - set(REQUEST_KEYS))
+    if unknown:
+        raise ChatRequestError(f"unknown request field(s) {', '.join(unknown)}; allowed: {', '.join(REQUEST_KEYS)}")
+    messages = body.get("messages")
+    if messages is None or (hasattr(messages, "__len__") and len(messages) == 0):
+        raise ChatRequestError("'messages' is required: a non-empty list of {role, content} objects")
+    if not isinstance(messages, (list, tuple)) and not hasattr(messages, "tolist"):
+        raise ChatRequestError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    clean = []
+    for i, message in enumerate(list(messages)):
+        if not isinstance(message, dict):
+            raise ChatRequestError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ChatRequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content:
+            raise ChatRequestError(f"messages[{i}].content must be a non-empty string, got {content!r}")
+        clean.append({"role": role, "content": content})
+    for key in ("frequency_penalty", "presence_penalty"):
+        if not _missing(body.get(key)) and body[key] != 0:
+            raise ChatRequestError(f"'{key}' is not supported by this model; leave it out or set 0")
+    custom = body.get("custom_inputs") or {}
+    if not isinstance(custom, dict) or set(custom) - {"seed"}:
+        raise ChatRequestError("'custom_inputs' may hold only 'seed' (an integer)")
+    seed_source = {"seed": next((s for s in (body.get("seed"), custom.get("seed"), (params or {}).get("seed"))
+                                 if not _missing(s) and s != -1), None)}
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    stop = tuple(stop.tolist() if hasattr(stop, "tolist") else stop)
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ChatRequestError(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ChatRequestError(f"'stream' must be true or false, got {stream!r}")
+    return ChatRequest(
+        messages=clean,
+        max_tokens=_number(body, "max_tokens", int, 1, 1 << 20, defaults["max_new_tokens"]),
+        temperature=_number(body, "temperature", float, 0.0, 2.0, defaults["temperature"]),
+        top_p=_number(body, "top_p", float, 1e-9, 1.0, defaults["top_p"]),
+        top_k=_number(body, "top_k", int, 0, 1 << 20, defaults["top_k"]),
+        stop=stop,
+        n=_number(body, "n", int, 1, MAX_N, 1),
+        seed=_number(seed_source, "seed", int, 0, 2**63 - 1, None),
+        stream=stream,
+    )
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    finish_reason: str = "length"
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChatResponse:
+    model: str
+    prompt_tokens: int
+    choices: list[Completion] = field(default_factory=list)
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def to_dict(self) -> dict[str, Any]:
+        completion_tokens = sum(c.completion_tokens for c in self.choices)
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason} for i, c in enumerate(self.choices)],
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": self.prompt_tokens + completion_tokens},
+        }
+
+
+def chunk(response_id: str, created: int, model: str, index: int, delta: dict,
+          finish_reason: Optional[str] = None) -> dict:
+    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}

@@ -1,0 +1,124 @@
+"""The log_pyfunc step: a conversion run's ONNX model -> registered pyfunc chat model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+import hf2mlflow
+from hf2mlflow.config import load_target
+from hf2mlflow.convert import ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
+from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.manifest import verify_manifest
+from hf2mlflow.tracking import log_params_once, print_run_summary
+
+STEP = "log_pyfunc"
+MODEL_CODE = Path(hf2mlflow.__file__).with_name("onnx_chat_pyfunc.py")
+# The runtime package for each execution provider (the DirectML build lags behind the others).
+RUNTIME_PACKAGE = {"cpu": "onnxruntime-genai", "webgpu": "onnxruntime-genai", "cuda": "onnxruntime-genai-cuda",
+                   "dml": "onnxruntime-genai-directml"}
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+PROMPT_EXAMPLE = {"prompt": "What is the capital of France?"}
+
+
+@dataclass
+class LogPyfuncArgs:
+    convert_run_id: str = field(metadata={"help": "run ID of a FINISHED convert_onnx run"})
+    target: str = field(default="", metadata={
+        "help": "target config for generation defaults; default: the conversion's target (same provider/precision)"})
+    registered_model_name: str = field(default="", metadata={"help": "Model Registry name; default MODEL-TARGET-onnx"})
+    alias: str = field(default="candidate", metadata={"help": "alias set on the new registered version"})
+    interface: str = field(default="chat", metadata={
+        "help": "chat: OpenAI chat-completions schema; prompt: the seed notebook's {prompt: string} -> string"})
+
+
+def requirements(execution_provider: str) -> list[str]:
+    """What inference needs: no torch, no transformers."""
+    version = importlib.metadata.version
+    runtime = RUNTIME_PACKAGE[execution_provider]
+    runtime_version = "0.14.1" if execution_provider == "dml" else version("onnxruntime-genai")
+    return [f"mlflow=={version('mlflow')}", f"{runtime}=={runtime_version}", f"numpy=={version('numpy')}"]
+
+
+def signature(interface: str) -> ModelSignature:
+    if interface == "prompt":
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]))
+    return ModelSignature(inputs=CHAT_MODEL_INPUT_SCHEMA, outputs=CHAT_MODEL_OUTPUT_SCHEMA,
+                          params=ParamSchema([ParamSpec("seed", "long", -1)]))
+
+
+def _conversion_run(run_id: str):
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise StepError(f"convert_run_id '{run_id}': no such run at tracking URI {mlflow.get_tracking_uri()}") from None
+    step = run.data.tags.get("step") or run.data.tags.get("mlflow.project.entryPoint") or "not a step run"
+    if step != CONVERT_STEP:
+        raise StepError(f"convert_run_id '{run_id}' is a {step} run, not a {CONVERT_STEP} run")
+    if run.info.status != "FINISHED":
+        raise StepError(f"convert_run_id '{run_id}' is a {CONVERT_STEP} run in status {run.info.status}; "
+                        f"only FINISHED conversions can be logged")
+    return run
+
+
+def log_pyfunc(args: LogPyfuncArgs) -> str:
+    """Log and register the pyfunc; returns the `models:/name@alias` URI."""
+    if args.interface not in ("chat", "prompt"):
+        raise ConfigError(f"interface '{args.interface}' is not allowed; allowed: chat, prompt")
+    source = _conversion_run(args.convert_run_id)
+    built = load_target(source.data.tags["target"])
+    target = load_target(args.target) if args.target else built
+    if (target.execution_provider, target.precision) != (built.execution_provider, built.precision):
+        raise ConfigError(f"target '{target.name}' is {target.precision} on {target.execution_provider}, but run "
+                          f"{args.convert_run_id} built {built.precision} for {built.execution_provider}; "
+                          f"convert again for that target")
+    model_name = source.data.tags["model"]
+    registered = args.registered_model_name or f"{model_name}-{built.name}-onnx"
+
+    with tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
+        print(f"[{STEP}] 1/3 downloading the ONNX model of run {args.convert_run_id}")
+        onnx_dir = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path=ONNX_ARTIFACT_PATH,
+                                                       dst_path=work)
+        manifest = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path="manifest.json",
+                                                       dst_path=work)
+        problems = verify_manifest(Path(onnx_dir), json.loads(Path(manifest).read_text()))
+        if problems:
+            raise StepError(f"run {args.convert_run_id}: artifacts do not match its manifest: {'; '.join(problems)}")
+
+        with mlflow.start_run(run_name=f"{STEP}-{registered}") as run:
+            mlflow.set_tags({"step": STEP, "convert_run_id": args.convert_run_id, "model": model_name,
+                             "target": target.name, "interface": args.interface})
+            log_params_once({"convert_run_id": args.convert_run_id, "target": args.target,
+                             "registered_model_name": args.registered_model_name, "alias": args.alias,
+                             "interface": args.interface})
+            print(f"[{STEP}] 2/3 logging the pyfunc model (models-from-code) and registering '{registered}'")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"onnx": onnx_dir, "manifest": manifest},
+                code_paths=[str(MODEL_CODE.parent)],
+                model_config={"model_name": model_name, "interface": args.interface,
+                              "generation": target.generation.model_dump()},
+                signature=signature(args.interface),
+                input_example=PROMPT_EXAMPLE if args.interface == "prompt" else CHAT_EXAMPLE,
+                pip_requirements=requirements(target.execution_provider),
+                metadata={"source_run_id": args.convert_run_id, "model": model_name, "target": target.name,
+                          "execution_provider": target.execution_provider, "precision": target.precision},
+                registered_model_name=registered,
+            )
+            print(f"[{STEP}] 3/3 setting alias '{args.alias}' on version {info.registered_model_version}")
+            mlflow.MlflowClient().set_registered_model_alias(registered, args.alias, info.registered_model_version)
+            mlflow.log_param("registered_model_version", info.registered_model_version)
+    uri = f"models:/{registered}@{args.alias}"
+    print_run_summary(STEP, run, {"model URI": info.model_uri, "registered": f"{uri} (version {info.registered_model_version})",
+                                  "serve": f"mlflow models serve -m '{uri}' --env-manager local -p 5000"})
+    return uri

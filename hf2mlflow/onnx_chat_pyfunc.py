@@ -1,0 +1,80 @@
+"""The logged pyfunc model (models-from-code: this file is the model, nothing is pickled).
+
+Loaded by MLflow with `context.artifacts` (the ONNX folder and its manifest) and
+`context.model_config` (model name, generation defaults, interface).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+
+from hf2mlflow.chat_schema import ChatRequestError, parse_request
+from hf2mlflow.genai_chat import GenAIChatEngine
+from hf2mlflow.manifest import verify_manifest
+
+
+def _rows(model_input) -> list[dict]:
+    if hasattr(model_input, "to_dict"):  # a DataFrame: one request per row
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, dict):
+        return [model_input]
+    return list(model_input)
+
+
+def _bad_request(exc: Exception) -> MlflowException:
+    # INVALID_PARAMETER_VALUE is served as HTTP 400 by `mlflow models serve`.
+    return MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE)
+
+
+class OnnxGenAIChatModel(PythonModel):
+    def load_context(self, context):
+        config = context.model_config
+        model_dir = Path(context.artifacts["onnx"])
+        manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
+        problems = verify_manifest(model_dir, manifest)
+        if problems:
+            raise MlflowException(f"the ONNX artifacts do not match the conversion manifest: {'; '.join(problems)}")
+        self.defaults = config["generation"]
+        self.interface = config["interface"]
+        self.engine = GenAIChatEngine(model_dir, config["model_name"])
+
+    def _request(self, row: dict, params):
+        if self.interface == "prompt":
+            prompt = row.get("prompt")
+            row = {"messages": [{"role": "user", "content": prompt}]}
+        try:
+            return parse_request(row, self.defaults, params)
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+
+    def predict(self, context, model_input, params=None):
+        requests = [self._request(row, params) for row in _rows(model_input)]
+        try:
+            responses = [self.engine.chat(r) for r in requests]
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+        if self.interface == "prompt":
+            return [r["choices"][0]["message"]["content"] for r in responses]
+        return responses
+
+    def predict_stream(self, context, model_input, params=None):
+        rows = _rows(model_input)
+        if len(rows) != 1:
+            raise _bad_request(ValueError(f"predict_stream takes one request, got {len(rows)}"))
+        request = self._request(rows[0], params)
+        try:
+            chunks = self.engine.stream(request)
+            first = next(chunks)  # prompt errors surface here, before anything is yielded
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+        yield first
+        yield from chunks
+
+
+mlflow.models.set_model(OnnxGenAIChatModel())
