@@ -1,0 +1,149 @@
+import concurrent.futures
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.errors import StepError
+from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """One conversion and one registered chat model for the module, in its own store."""
+    root = tmp_path_factory.mktemp("pyfunc")
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    convert_run_id = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+    model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
+    yield {"uri": model_uri, "convert_run_id": convert_run_id, "tracking_uri": uri, "root": root}
+    os.chdir(old_cwd)
+    if old_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@pytest.fixture(scope="module")
+def model(logged):
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # nothing in the model may be pickled
+    try:
+        yield mlflow.pyfunc.load_model(logged["uri"])
+    finally:
+        os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+
+
+def ask(model, **request):
+    (response,) = model.predict({"messages": HELLO, **request})
+    return response
+
+
+def test_registered_with_alias_and_lean_requirements(logged):
+    name = logged["uri"].split("/")[1].split("@")[0]
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, "candidate")
+    run = mlflow.get_run(version.run_id)
+    assert run.data.tags["convert_run_id"] == logged["convert_run_id"] and run.data.tags["step"] == "log_pyfunc"
+    local = Path(mlflow.artifacts.download_artifacts(logged["uri"]))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in reqs] == ["mlflow", "onnxruntime-genai", "numpy"]
+    assert "python_model.pkl" not in {p.name for p in local.rglob("*")}
+
+
+def test_answers_in_the_openai_chat_schema(model):
+    response = ask(model, max_tokens=6)
+    assert response["object"] == "chat.completion" and response["id"].startswith("chatcmpl-")
+    assert response["model"] == "tiny-phi3" and isinstance(response["created"], int)
+    (choice,) = response["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    usage = response["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 6
+
+
+def test_greedy_by_default_and_seeded_sampling_repeats(model):
+    assert ask(model, max_tokens=8)["choices"] == ask(model, max_tokens=8, temperature=0)["choices"]
+    sampled = [ask(model, max_tokens=12, temperature=1.5, custom_inputs={"seed": s})["choices"][0]["message"]["content"]
+               for s in (1, 1, 2, 3)]
+    assert sampled[0] == sampled[1]
+    assert len(set(sampled[1:])) > 1
+    (by_param,) = model.predict({"messages": HELLO, "max_tokens": 12, "temperature": 1.5}, params={"seed": 1})
+    assert by_param["choices"][0]["message"]["content"] == sampled[0]
+
+
+def test_n_choices(model):
+    response = ask(model, max_tokens=6, n=3, temperature=1.0, custom_inputs={"seed": 7})
+    assert [c["index"] for c in response["choices"]] == [0, 1, 2]
+
+
+def test_stop_string_ends_the_answer(model):
+    full = ask(model, max_tokens=20)["choices"][0]["message"]["content"]
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip())
+    stopped = ask(model, max_tokens=20, stop=[stop])["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["message"]["content"] == full[:full.find(stop)]
+
+
+def test_stream_matches_predict(model):
+    full = ask(model, max_tokens=10)["choices"][0]
+    chunks = list(model.predict_stream({"messages": HELLO, "max_tokens": 10}))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
+
+
+def test_batch_and_concurrent_requests_are_independent(model):
+    requests = [{"messages": [{"role": "user", "content": f"Question number {i}"}], "max_tokens": 4 + i}
+                for i in range(6)]
+    one_by_one = [model.predict(r)[0]["choices"] for r in requests]
+    batch = model.predict(pd.DataFrame(requests))
+    assert [r["choices"] for r in batch] == one_by_one
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        concurrent_answers = list(pool.map(lambda r: model.predict(r)[0]["choices"], requests * 2))
+    assert concurrent_answers == one_by_one * 2
+
+
+@pytest.mark.parametrize("request_body, expected", [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
+    ({"messages": HELLO, "max_tokens": -1}, "'max_tokens' must be between 1"),
+    ({"messages": HELLO, "temperature": 5.0}, "'temperature' must be between 0.0 and 2.0"),
+    ({"messages": [{"role": "user", "content": "x " * 3000}]}, "context length is 2048"),
+])
+def test_bad_requests_say_what_is_allowed(model, request_body, expected):
+    with pytest.raises(MlflowException, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        model.predict(request_body)
+
+
+def test_seed_interface_prompt_to_string(logged):
+    uri = log_pyfunc(LogPyfuncArgs(convert_run_id=logged["convert_run_id"], interface="prompt",
+                                   registered_model_name="tiny-phi3-prompt"))
+    answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": ["Hi", "What is ONNX?"]}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_tampered_artifacts_fail_at_load(logged, tmp_path):
+    local = Path(mlflow.artifacts.download_artifacts(logged["uri"], dst_path=str(tmp_path / "copy")))
+    data = next(local.rglob("model.onnx.data"))
+    data.write_bytes(b"\0" + data.read_bytes()[1:])
+    with pytest.raises(MlflowException, match="do not match the conversion manifest: .*model.onnx.data: sha256"):
+        mlflow.pyfunc.load_model(str(local))
+
+
+def test_step_refuses_runs_that_are_not_finished_conversions(logged):
+    with pytest.raises(StepError, match="convert_run_id 'nope': no such run"):
+        log_pyfunc(LogPyfuncArgs(convert_run_id="nope"))
+    name = logged["uri"].split("/")[1].split("@")[0]
+    pyfunc_run = mlflow.MlflowClient().get_model_version_by_alias(name, "candidate").run_id
+    with pytest.raises(StepError, match=f"'{pyfunc_run}' is a log_pyfunc run, not a convert_onnx run"):
+        log_pyfunc(LogPyfuncArgs(convert_run_id=pyfunc_run))
