@@ -9,8 +9,8 @@ from conftest import all_runs
 from hf2mlflow import PROJECT_ROOT
 
 
-def mlflow_run(tracking_uri, *params):
-    command = ["mlflow", "run", str(PROJECT_ROOT), "-e", "convert_onnx", "--env-manager", "local"]
+def mlflow_run(tracking_uri, *params, entry_point="convert_onnx"):
+    command = ["mlflow", "run", str(PROJECT_ROOT), "-e", entry_point, "--env-manager", "local"]
     for p in params:
         command += ["-P", p]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri)
@@ -29,6 +29,15 @@ def test_mlflow_run_converts_and_prints_where_results_went(tracking):
     assert "[builder]" in proc.stdout  # the builder's progress is shown
     files = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "onnx")}
     assert {"onnx/model.onnx", "onnx/model.onnx.data", "onnx/genai_config.json"} <= files
+
+    # The next step, as its entry point, on that run: a registered chat model.
+    proc = mlflow_run(tracking, f"convert_run_id={run.info.run_id}", "registered_model_name=qwen-chat",
+                      entry_point="log_pyfunc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered: models:/qwen-chat@candidate (version 1)" in proc.stdout
+    (answer,) = mlflow.pyfunc.load_model("models:/qwen-chat@candidate").predict(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert answer["model"] == "tiny-qwen2" and answer["usage"]["completion_tokens"] <= 3
 
 
 def test_mlflow_run_bad_config_fails_clearly(tracking, tmp_path):

@@ -6,10 +6,12 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert import ConvertArgs
+from hf2mlflow.log_pyfunc import LogPyfuncArgs
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
@@ -51,14 +53,16 @@ def test_conda_lock_reads_conda_yaml_for_three_platforms(tmp_path):
         assert {"python", "mlflow", "onnxruntime-genai", "transformers"} <= names
 
 
-def test_mlproject_uses_conda_yaml_and_step_arguments():
+@pytest.mark.parametrize("entry_point, args_class", [("convert_onnx", ConvertArgs), ("log_pyfunc", LogPyfuncArgs)])
+def test_mlproject_uses_conda_yaml_and_step_arguments(entry_point, args_class):
     assert MLPROJECT["conda_env"] == "conda.yaml"
-    entry = MLPROJECT["entry_points"]["convert_onnx"]
-    fields = [f.name for f in dataclasses.fields(ConvertArgs)]
+    entry = MLPROJECT["entry_points"][entry_point]
+    fields = [f.name for f in dataclasses.fields(args_class)]
     assert list(entry["parameters"]) == fields
     for name in fields:
         assert f"--{name} {{{name}}}" in entry["command"]
-    assert (PROJECT_ROOT / entry["command"].split()[1]).is_file()
+    assert entry["command"].split()[1] == f"steps/{entry_point}.py"
+    assert (PROJECT_ROOT / "steps" / f"{entry_point}.py").is_file()
 
 
 def readme_command(marker: str) -> str:
