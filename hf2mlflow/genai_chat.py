@@ -39,7 +39,7 @@ class GenAIChatEngine:
         options = {"max_length": min(len(prompt_ids) + request.max_tokens, self.context_length),
                    "do_sample": request.do_sample}
         if request.do_sample:
-            options.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k or 0)
+            options.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
             if request.seed is not None:
                 options["random_seed"] = request.seed + seed_offset
         params.set_search_options(**options)

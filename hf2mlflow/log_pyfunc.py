@@ -45,6 +45,7 @@ def requirements(execution_provider: str) -> list[str]:
     """What inference needs: no torch, no transformers."""
     version = importlib.metadata.version
     runtime = RUNTIME_PACKAGE[execution_provider]
+    # onnxruntime-genai-directml has no 0.15 release; 0.14.1 is its newest.
     runtime_version = "0.14.1" if execution_provider == "dml" else version("onnxruntime-genai")
     return [f"mlflow=={version('mlflow')}", f"{runtime}=={runtime_version}", f"numpy=={version('numpy')}"]
 
