@@ -84,7 +84,8 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
         raise ChatRequestError("'custom_inputs' may hold only 'seed' (an integer)")
     # A seed may come in the body, in custom_inputs (the chat schema's extension point) or as an MLflow param;
     # -1 is the param's "none" default.
-    seeds = [s for s in (body.get("seed"), custom.get("seed"), (params or {}).get("seed")) if not _missing(s) and s != -1]
+    seed = next((s for s in (body.get("seed"), custom.get("seed"), (params or {}).get("seed"))
+                 if not _missing(s) and s != -1), None)
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
@@ -102,7 +103,7 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
         top_k=_number(body, "top_k", int, 0, 1 << 20, defaults["top_k"]),
         stop=stop,
         n=_number(body, "n", int, 1, MAX_N, 1),
-        seed=_number({"seed": seeds[0] if seeds else None}, "seed", int, 0, 2**63 - 1, None),
+        seed=_number({"seed": seed}, "seed", int, 0, 2**63 - 1, None),
         stream=stream,
     )
 

@@ -16,7 +16,7 @@ from hf2mlflow.genai_builder import builder_version, check_architecture, run_bui
 from hf2mlflow.manifest import build_manifest
 from hf2mlflow.sources import resolve_model
 from hf2mlflow.tiny_models import home
-from hf2mlflow.tracking import log_params_once, print_run_summary
+from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
 from hf2mlflow.validate import check_genai_files, validate_genai_model
 
 STEP = "convert_onnx"
@@ -49,17 +49,11 @@ def convert(args: ConvertArgs) -> str:
     spec = spec.model_copy(update=overrides)
     output_name = args.output_name or f"{spec.name}-{target.name}"
 
-    with mlflow.start_run(run_name=output_name) as run:
-        mlflow.set_tags({"step": STEP, "model": spec.name, "target": target.name, "mlflow.runName": output_name,
-                         "artifact_format": "onnxruntime-genai"})
-        log_params_once({"model": args.model, "target": args.target, "output_name": args.output_name,
-                         "revision": args.revision, "trust_remote_code": args.trust_remote_code,
-                         "cache_dir": args.cache_dir})
-        try:
-            _convert_in_run(spec, target, args.cache_dir)
-        except BaseException as exc:  # the reason goes with the FAILED run, not only to the console
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
-            raise
+    tags = {"model": spec.name, "target": target.name, "artifact_format": "onnxruntime-genai"}
+    params = {"model": args.model, "target": args.target, "output_name": args.output_name,
+              "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir}
+    with step_run(STEP, output_name, tags, params) as run:
+        _convert_in_run(spec, target, args.cache_dir)
     print_run_summary(STEP, run, {"ONNX model": f"runs:/{run.info.run_id}/{ONNX_ARTIFACT_PATH}",
                                   "artifact location": f"{run.info.artifact_uri}/{ONNX_ARTIFACT_PATH}",
                                   "next": f"mlflow run . -e log_pyfunc -P convert_run_id={run.info.run_id}"})

@@ -19,7 +19,7 @@ from hf2mlflow.config import load_target
 from hf2mlflow.convert import ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.manifest import verify_manifest
-from hf2mlflow.tracking import log_params_once, print_run_summary
+from hf2mlflow.tracking import print_run_summary, step_run
 
 STEP = "log_pyfunc"
 MODEL_CODE = Path(hf2mlflow.__file__).with_name("onnx_chat_pyfunc.py")
@@ -95,12 +95,12 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
         if problems:
             raise StepError(f"run {args.convert_run_id}: artifacts do not match its manifest: {'; '.join(problems)}")
 
-        with mlflow.start_run(run_name=f"{STEP}-{registered}") as run:
-            mlflow.set_tags({"step": STEP, "convert_run_id": args.convert_run_id, "model": model_name,
-                             "target": target.name, "interface": args.interface})
-            log_params_once({"convert_run_id": args.convert_run_id, "target": args.target,
-                             "registered_model_name": args.registered_model_name, "alias": args.alias,
-                             "interface": args.interface})
+        tags = {"convert_run_id": args.convert_run_id, "model": model_name, "target": target.name,
+                "interface": args.interface}
+        params = {"convert_run_id": args.convert_run_id, "target": args.target,
+                  "registered_model_name": args.registered_model_name, "alias": args.alias,
+                  "interface": args.interface}
+        with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
             print(f"[{STEP}] 2/3 logging the pyfunc model (models-from-code) and registering '{registered}'")
             info = mlflow.pyfunc.log_model(
                 name="model",

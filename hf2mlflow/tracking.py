@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import mlflow
 
 
@@ -12,6 +14,20 @@ def log_params_once(params: dict) -> None:
     new = {k: "" if v is None else str(v) for k, v in params.items() if k not in existing}
     if new:
         mlflow.log_params(new)
+
+
+@contextlib.contextmanager
+def step_run(step: str, run_name: str, tags: dict, params: dict):
+    """Start (or, under `mlflow run`, attach to) the step's run, tag and parametrise it, and on any
+    failure put the reason on the run as well: the run then ends FAILED with its `error` tag."""
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({"step": step, "mlflow.runName": run_name, **tags})
+        log_params_once(params)
+        try:
+            yield run
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
+            raise
 
 
 def ui_hint(run) -> str:

@@ -1,7 +1,10 @@
+import contextlib
 import os
 
 import mlflow
 import pytest
+
+HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -13,16 +16,44 @@ def _offline_shared_home(tmp_path_factory):
     yield
 
 
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    """A fresh local MLflow store per test; artifacts land under tmp_path too."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+@contextlib.contextmanager
+def local_store(root):
+    """A local MLflow store in `root`, which is also the working directory (where artifacts land)."""
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(root)
+    uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        mlflow.set_tracking_uri(old_uri)
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    """A fresh local MLflow store per test."""
+    with local_store(tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def logged(tmp_path_factory):
+    """One conversion of tiny-phi3 to cpu-int4 and its registered chat pyfunc, shared by the session."""
+    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+
+    root = tmp_path_factory.mktemp("pyfunc")
+    with local_store(root) as uri:
+        convert_run_id = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+        model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
+    return {"uri": model_uri, "convert_run_id": convert_run_id, "tracking_uri": uri, "root": root}
 
 
 def all_runs(tracking_uri: str):

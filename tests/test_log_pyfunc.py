@@ -1,6 +1,5 @@
 import concurrent.futures
 import os
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -8,38 +7,26 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow.convert import ConvertArgs, convert
+from conftest import HELLO, local_store
 from hf2mlflow.errors import StepError
 from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
-
-HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory):
-    """One conversion and one registered chat model for the module, in its own store."""
-    root = tmp_path_factory.mktemp("pyfunc")
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(root)
-    os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{root}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    convert_run_id = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
-    model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
-    yield {"uri": model_uri, "convert_run_id": convert_run_id, "tracking_uri": uri, "root": root}
-    os.chdir(old_cwd)
-    if old_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_uri
 
 
 @pytest.fixture(scope="module")
 def model(logged):
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # nothing in the model may be pickled
     try:
-        yield mlflow.pyfunc.load_model(logged["uri"])
+        with local_store(logged["root"]):
+            yield mlflow.pyfunc.load_model(logged["uri"])
     finally:
         os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+
+
+@pytest.fixture
+def in_store(logged):
+    """Point MLflow at the shared store, for tests that read or write its registry."""
+    with local_store(logged["root"]):
+        yield
 
 
 def ask(model, **request):
@@ -47,6 +34,7 @@ def ask(model, **request):
     return response
 
 
+@pytest.mark.usefixtures("in_store")
 def test_registered_with_alias_and_lean_requirements(logged):
     name = logged["uri"].split("/")[1].split("@")[0]
     version = mlflow.MlflowClient().get_model_version_by_alias(name, "candidate")
@@ -125,6 +113,7 @@ def test_bad_requests_say_what_is_allowed(model, request_body, expected):
         model.predict(request_body)
 
 
+@pytest.mark.usefixtures("in_store")
 def test_seed_interface_prompt_to_string(logged):
     uri = log_pyfunc(LogPyfuncArgs(convert_run_id=logged["convert_run_id"], interface="prompt",
                                    registered_model_name="tiny-phi3-prompt"))
@@ -132,6 +121,7 @@ def test_seed_interface_prompt_to_string(logged):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+@pytest.mark.usefixtures("in_store")
 def test_tampered_artifacts_fail_at_load(logged, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(logged["uri"], dst_path=str(tmp_path / "copy")))
     data = next(local.rglob("model.onnx.data"))
@@ -140,6 +130,7 @@ def test_tampered_artifacts_fail_at_load(logged, tmp_path):
         mlflow.pyfunc.load_model(str(local))
 
 
+@pytest.mark.usefixtures("in_store")
 def test_step_refuses_runs_that_are_not_finished_conversions(logged):
     with pytest.raises(StepError, match="convert_run_id 'nope': no such run"):
         log_pyfunc(LogPyfuncArgs(convert_run_id="nope"))

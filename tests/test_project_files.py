@@ -4,7 +4,6 @@ import dataclasses
 import importlib.metadata
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from test_log_pyfunc import HELLO, logged  # noqa: F401  (module fixture reused)
+from conftest import HELLO
 
 
 def free_port() -> int:
@@ -31,7 +31,7 @@ def post(url, body):
 
 
 @pytest.fixture(scope="module")
-def server(logged):  # noqa: F811
+def server(logged):
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
     log = open(logged["root"] / "serve.log", "w")
