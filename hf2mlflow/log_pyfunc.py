@@ -57,6 +57,17 @@ def signature(interface: str) -> ModelSignature:
                           params=ParamSchema([ParamSpec("seed", "long", -1)]))
 
 
+def _check_alias(alias: str) -> None:
+    """The registry's own alias rules, checked before anything is downloaded or logged."""
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as exc:
+        raise ConfigError(f"alias: {exc.message}") from None
+
+
 def _conversion_run(run_id: str):
     try:
         run = mlflow.MlflowClient().get_run(run_id)
@@ -75,6 +86,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
     """Log and register the pyfunc; returns the `models:/name@alias` URI."""
     if args.interface not in ("chat", "prompt"):
         raise ConfigError(f"interface '{args.interface}' is not allowed; allowed: chat, prompt")
+    _check_alias(args.alias)
     source = _conversion_run(args.convert_run_id)
     built = load_target(source.data.tags["target"])
     target = load_target(args.target) if args.target else built

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import HELLO, local_store
-from hf2mlflow.errors import StepError
+from conftest import HELLO, all_runs, local_store
+from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
 
 
@@ -138,3 +138,13 @@ def test_step_refuses_runs_that_are_not_finished_conversions(logged):
     pyfunc_run = mlflow.MlflowClient().get_model_version_by_alias(name, "candidate").run_id
     with pytest.raises(StepError, match=f"'{pyfunc_run}' is a log_pyfunc run, not a convert_onnx run"):
         log_pyfunc(LogPyfuncArgs(convert_run_id=pyfunc_run))
+
+
+@pytest.mark.usefixtures("in_store")
+@pytest.mark.parametrize("alias, expected", [("latest", "'latest' alias name"), ("v3", "'v3' is reserved"),
+                                             ("has space", "Invalid alias name")])
+def test_bad_alias_fails_before_any_run(logged, alias, expected):
+    before = len(all_runs(logged["tracking_uri"]))
+    with pytest.raises(ConfigError, match=f"alias: .*{expected}"):
+        log_pyfunc(LogPyfuncArgs(convert_run_id=logged["convert_run_id"], alias=alias))
+    assert len(all_runs(logged["tracking_uri"])) == before
