@@ -101,7 +101,8 @@ class Target(Strict):
     precision: Precision
     builder_options: BuilderOptions = BuilderOptions()
     generation: Generation = Generation()
-    transformers: TransformersSettings
+    # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
+    transformers: Optional[TransformersSettings] = None
 
     @model_validator(mode="after")
     def _valid_combination(self):
@@ -140,6 +141,17 @@ class ModelSpec(Strict):
     @property
     def source(self) -> str:
         return "hub" if self.hub_id else "local" if self.local_path else "builtin"
+
+    def with_overrides(self, revision: str = "", trust_remote_code: bool = False) -> "ModelSpec":
+        """Apply a step's --revision / --trust_remote_code on top of the config."""
+        update = {}
+        if revision:
+            if self.source != "hub":
+                raise ConfigError(f"revision '{revision}' only applies to hub models; '{self.name}' is {self.source}")
+            update["revision"] = revision
+        if trust_remote_code:
+            update["trust_remote_code"] = True
+        return self.model_copy(update=update)
 
 
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:

@@ -38,15 +38,7 @@ class ConvertArgs:
 def convert(args: ConvertArgs) -> str:
     """Convert, validate and log; returns the run ID. Config errors raise before any run starts."""
     target = load_target(args.target)
-    spec = load_model(args.model)
-    overrides = {}
-    if args.revision:
-        if spec.source != "hub":
-            raise ConfigError(f"revision '{args.revision}' only applies to hub models; '{spec.name}' is {spec.source}")
-        overrides["revision"] = args.revision
-    if args.trust_remote_code:
-        overrides["trust_remote_code"] = True
-    spec = spec.model_copy(update=overrides)
+    spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
     output_name = args.output_name or f"{spec.name}-{target.name}"
 
     tags = {"model": spec.name, "target": target.name, "artifact_format": "onnxruntime-genai"}

@@ -19,7 +19,7 @@ from hf2mlflow.config import load_target
 from hf2mlflow.convert import ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.manifest import verify_manifest
-from hf2mlflow.tracking import print_run_summary, step_run
+from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
 
 STEP = "log_pyfunc"
 MODEL_CODE = Path(hf2mlflow.__file__).with_name("onnx_chat_pyfunc.py")
@@ -57,16 +57,6 @@ def signature(interface: str) -> ModelSignature:
                           params=ParamSchema([ParamSpec("seed", "long", -1)]))
 
 
-def _check_alias(alias: str) -> None:
-    """The registry's own alias rules, checked before anything is downloaded or logged."""
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
-
-    try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
-    except MlflowException as exc:
-        raise ConfigError(f"alias: {exc.message}") from None
-
 
 def _conversion_run(run_id: str):
     try:
@@ -86,7 +76,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
     """Log and register the pyfunc; returns the `models:/name@alias` URI."""
     if args.interface not in ("chat", "prompt"):
         raise ConfigError(f"interface '{args.interface}' is not allowed; allowed: chat, prompt")
-    _check_alias(args.alias)
+    check_alias(args.alias)
     source = _conversion_run(args.convert_run_id)
     built = load_target(source.data.tags["target"])
     target = load_target(args.target) if args.target else built
@@ -98,7 +88,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
     registered = args.registered_model_name or f"{model_name}-{built.name}-onnx"
 
     with tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
-        print(f"[{STEP}] 1/3 downloading the ONNX model of run {args.convert_run_id}")
+        print(f"[{STEP}] 1/2 downloading the ONNX model of run {args.convert_run_id}")
         onnx_dir = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path=ONNX_ARTIFACT_PATH,
                                                        dst_path=work)
         manifest = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path="manifest.json",
@@ -113,7 +103,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                   "registered_model_name": args.registered_model_name, "alias": args.alias,
                   "interface": args.interface}
         with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
-            print(f"[{STEP}] 2/3 logging the pyfunc model (models-from-code) and registering '{registered}'")
+            print(f"[{STEP}] 2/2 logging the pyfunc model (models-from-code) and registering '{registered}'")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
@@ -128,10 +118,6 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                           "execution_provider": target.execution_provider, "precision": target.precision},
                 registered_model_name=registered,
             )
-            print(f"[{STEP}] 3/3 setting alias '{args.alias}' on version {info.registered_model_version}")
-            mlflow.MlflowClient().set_registered_model_alias(registered, args.alias, info.registered_model_version)
-            mlflow.log_param("registered_model_version", info.registered_model_version)
-    uri = f"models:/{registered}@{args.alias}"
-    print_run_summary(STEP, run, {"model URI": info.model_uri, "registered": f"{uri} (version {info.registered_model_version})",
-                                  "serve": f"mlflow models serve -m '{uri}' --env-manager local -p 5000"})
+            uri = set_alias(STEP, info, registered, args.alias)
+    print_model_summary(STEP, run, info, uri)
     return uri

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import mlflow
+from mlflow.exceptions import MlflowException
+
+from hf2mlflow.errors import ConfigError
 
 
 def log_params_once(params: dict) -> None:
@@ -43,3 +46,30 @@ def print_run_summary(step: str, run, outputs: dict[str, str]) -> None:
     for label, value in outputs.items():
         print(f"[{step}] {label}: {value}")
     print(f"[{step}] UI: {ui_hint(run)}")
+
+
+def check_alias(alias: str) -> None:
+    """The registry's own alias rules, checked before anything is downloaded or logged."""
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as exc:
+        raise ConfigError(f"alias: {exc.message}") from None
+
+
+def set_alias(step: str, model_info, registered: str, alias: str) -> str:
+    """Point `alias` at the version `log_model(registered_model_name=...)` just made; returns models:/name@alias."""
+    version = model_info.registered_model_version
+    print(f"[{step}] setting alias '{alias}' on version {version} of '{registered}'")
+    mlflow.MlflowClient().set_registered_model_alias(registered, alias, version)
+    mlflow.log_param("registered_model_version", version)
+    return f"models:/{registered}@{alias}"
+
+
+def print_model_summary(step: str, run, model_info, registered_uri: str) -> None:
+    print_run_summary(step, run, {
+        "model URI": model_info.model_uri,
+        "registered": f"{registered_uri} (version {model_info.registered_model_version})",
+        "serve": f"mlflow models serve -m '{registered_uri}' --env-manager local -p 5000"})

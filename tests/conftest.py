@@ -56,6 +56,15 @@ def logged(tmp_path_factory):
     return {"uri": model_uri, "convert_run_id": convert_run_id, "tracking_uri": uri, "root": root}
 
 
+@pytest.fixture(scope="session")
+def logged_transformers(logged):
+    """tiny-phi3 logged with the transformers flavor (cpu fp32), registered in the same store as `logged`."""
+    from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
+
+    with local_store(logged["root"]):
+        return log_transformers(LogTransformersArgs(model="tiny-phi3", target="cpu-fp32"))
+
+
 def all_runs(tracking_uri: str):
     client = mlflow.MlflowClient(tracking_uri)
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

@@ -56,7 +56,8 @@ transformers: {device: cpu, dtype: float32}
     (TARGET.replace("int4", "fp32") + "builder_options: {block_size: 32}\n", "(top level)",
      ["block_size only apply to precision int4 or int8"]),
     (TARGET.replace("float32", "float16"), "transformers", ["'float16' needs device 'cuda'"]),
-    ("execution_provider: cpu\nprecision: int4\n", "transformers", ["required key is missing"]),
+    ("execution_provider: cpu\nprecision: int4\ntransformers: {device: cpu}\n", "transformers.dtype",
+     ["required key is missing"]),
     (TARGET + "generation: {temperature: -1}\n", "generation.temperature", ["greater than or equal to 0"]),
 ])
 def test_bad_target_names_file_key_and_allowed(tmp_path, text, key, expected):

@@ -50,3 +50,15 @@ def test_mlflow_run_bad_config_fails_clearly(tracking, tmp_path):
     assert "Loading" not in proc.stdout and "[builder]" not in proc.stdout  # failed before any model work
     (run,) = all_runs(tracking)
     assert run.info.status == "FAILED"
+
+
+def test_mlflow_run_log_transformers(tracking):
+    proc = mlflow_run(tracking, "model=tiny-qwen2", "target=cpu-fp32", "registered_model_name=qwen-tf",
+                      entry_point="log_transformers")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered: models:/qwen-tf@candidate (version 1)" in proc.stdout
+    (run,) = all_runs(tracking)
+    assert run.data.params["save_pretrained"] == "true" and run.data.tags["model"] == "tiny-qwen2"
+    (answer,) = mlflow.pyfunc.load_model("models:/qwen-tf@candidate").predict(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert answer["usage"]["completion_tokens"] == 3

@@ -11,6 +11,7 @@ import yaml
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert import ConvertArgs
 from hf2mlflow.log_pyfunc import LogPyfuncArgs
+from hf2mlflow.log_transformers import LogTransformersArgs
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
@@ -52,7 +53,8 @@ def test_conda_lock_reads_conda_yaml_for_three_platforms(tmp_path):
         assert {"python", "mlflow", "onnxruntime-genai", "transformers"} <= names
 
 
-@pytest.mark.parametrize("entry_point, args_class", [("convert_onnx", ConvertArgs), ("log_pyfunc", LogPyfuncArgs)])
+@pytest.mark.parametrize("entry_point, args_class", [("convert_onnx", ConvertArgs), ("log_pyfunc", LogPyfuncArgs),
+                                                     ("log_transformers", LogTransformersArgs)])
 def test_mlproject_uses_conda_yaml_and_step_arguments(entry_point, args_class):
     assert MLPROJECT["conda_env"] == "conda.yaml"
     entry = MLPROJECT["entry_points"][entry_point]
