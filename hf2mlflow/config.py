@@ -154,6 +154,22 @@ class ModelSpec(Strict):
         return self.model_copy(update=update)
 
 
+QUALITY_METRICS = ("exact_match", "rouge_l", "contains")
+
+
+class DatasetConfig(Strict):
+    """An evaluation dataset: a JSONL file of chat prompts with reference answers, and how to score it."""
+
+    name: str
+    description: str = ""
+    path: Path = Field(description="JSONL file, relative to this YAML file")
+    metrics: list[Literal["exact_match", "rouge_l", "contains"]] = Field(
+        default=["exact_match", "rouge_l"], min_length=1)
+    max_new_tokens: int = Field(32, gt=0, le=4096, description="new tokens per answer and per parity check")
+    min_token_agreement: float = Field(0.9, ge=0.0, le=1.0, description=(
+        "share of prompts whose greedy tokens must equal the source model's; below it a model is flagged"))
+
+
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (nested) model that `loc` points into."""
     for part in loc:
@@ -224,6 +240,21 @@ def load_target(name_or_path: str) -> Target:
         raise ConfigError(f"unknown target '{name_or_path}'; shipped targets: {', '.join(shipped('targets'))} "
                           f"(or give a path to a target .yaml file)")
     return _load_yaml(Target, path)
+
+
+def load_dataset_config(name_or_path: str) -> DatasetConfig:
+    """A shipped dataset name (configs/datasets/NAME.yaml) or a path to a dataset YAML file."""
+    path = _find("datasets", name_or_path)
+    if path is None:
+        raise ConfigError(f"unknown dataset '{name_or_path}'; shipped datasets: {', '.join(shipped('datasets'))} "
+                          f"(or give a path to a dataset .yaml file)")
+    config = _load_yaml(DatasetConfig, path)
+    # Relative to the YAML file, and never outside its folder: a config cannot read arbitrary files.
+    data = (path.parent / config.path).resolve()
+    if not data.is_relative_to(path.parent.resolve()):
+        raise ConfigError(f"{path}: key 'path': '{config.path}' points outside {path.parent}; "
+                          f"keep the JSONL file next to the YAML file")
+    return config.model_copy(update={"path": data})
 
 
 def load_model(name_or_path: str) -> ModelSpec:

@@ -14,7 +14,7 @@ from hf2mlflow.config import load_model, load_target
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.genai_builder import builder_version, check_architecture, run_builder
 from hf2mlflow.manifest import build_manifest
-from hf2mlflow.sources import resolve_model
+from hf2mlflow.sources import resolve_model, source_params
 from hf2mlflow.tiny_models import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
 from hf2mlflow.validate import check_genai_files, validate_genai_model
@@ -57,10 +57,7 @@ def _convert_in_run(spec, target, cache_dir: str) -> None:
     resolved = resolve_model(spec, cache_dir)
     check_architecture(resolved.architecture, spec.name)
     log_params_once({
-        "model_source": spec.source,
-        "model_id": spec.hub_id or spec.builtin or str(spec.local_path),
-        "model_revision": resolved.revision or spec.revision if spec.source == "hub" else "",
-        "architecture": resolved.architecture,
+        **source_params(resolved),
         "execution_provider": target.execution_provider,
         "precision": target.precision,
         "builder_version": builder_version(),

@@ -13,7 +13,7 @@ import mlflow
 
 from hf2mlflow.config import Target, load_model, load_target, shipped
 from hf2mlflow.errors import ConfigError, StepError
-from hf2mlflow.sources import resolve_model
+from hf2mlflow.sources import resolve_model, source_params
 from hf2mlflow.tracking import check_alias, log_params_once, print_model_summary, set_alias, step_run
 
 STEP = "log_transformers"
@@ -121,8 +121,7 @@ def log_transformers(args: LogTransformersArgs) -> str:
     with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
         print(f"[{STEP}] 1/2 resolving model '{spec.name}' ({spec.source}) and building the pipeline")
         resolved = resolve_model(spec, args.cache_dir)
-        log_params_once({"model_source": spec.source, "architecture": resolved.architecture,
-                         "model_revision": resolved.revision or spec.revision if spec.source == "hub" else ""})
+        log_params_once(source_params(resolved))
         pipeline = _load_pipeline(resolved, spec, target, device, args.cache_dir)
         print(f"[{STEP}] 2/2 logging the transformers model ({TASK}, save_pretrained={args.save_pretrained}) "
               f"and registering '{registered}'")

@@ -70,3 +70,25 @@ def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedM
     if not architectures:
         raise ModelSourceError(f"model '{spec.name}': {config_file} names no 'architectures'")
     return ResolvedModel(spec, path, architectures[0], revision)
+
+
+def source_params(resolved: ResolvedModel) -> dict:
+    """Where the model came from, as run params; `spec_from_source_params` reads them back (evaluate's parity)."""
+    spec = resolved.spec
+    return {"model_source": spec.source,
+            "model_id": spec.hub_id or spec.builtin or str(spec.local_path),
+            "model_revision": (resolved.revision or spec.revision) if spec.source == "hub" else "",
+            "architecture": resolved.architecture,
+            "model_trust_remote_code": spec.trust_remote_code}  # the effective value: flag or model config
+
+
+def spec_from_source_params(name: str, params: dict) -> ModelSpec:
+    source, model_id = params.get("model_source"), params.get("model_id")
+    if source == "hub":
+        return ModelSpec(name=name, hub_id=model_id, revision=params.get("model_revision") or "main",
+                         trust_remote_code=params.get("model_trust_remote_code") == "True")
+    if source == "builtin":
+        return ModelSpec(name=name, builtin=model_id)
+    if source == "local":
+        return ModelSpec(name=name, local_path=Path(model_id))
+    raise ModelSourceError(f"the run does not record where model '{name}' came from (params model_source, model_id)")

@@ -18,6 +18,15 @@ def test_every_shipped_model_loads(name):
     assert load_model(name).name == name
 
 
+@pytest.mark.parametrize("name", shipped("datasets"))
+def test_every_shipped_dataset_loads_with_all_its_examples(name):
+    from hf2mlflow.eval_data import load_dataset
+
+    config, examples = load_dataset(name)
+    assert config.name == name and len(examples) >= 20
+    assert len({e.id for e in examples}) == len(examples)
+
+
 def test_the_required_targets_and_models_are_shipped():
     assert {"cpu-int4", "cpu-int8", "cpu-fp32", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4"} <= set(
         shipped("targets"))

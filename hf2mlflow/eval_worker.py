@@ -1,0 +1,53 @@
+"""One model's answers and speed, measured in a fresh process so that its load time and peak RSS are its own."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+
+def _ttft_streaming(model, request) -> float:
+    start = time.perf_counter()
+    chunks = model.predict_stream(request)
+    next(iter(chunks))
+    elapsed = time.perf_counter() - start
+    chunks.close()  # stops the generation
+    return elapsed
+
+
+def _ttft_one_token(model, request) -> float:
+    start = time.perf_counter()
+    model.predict({**request, "max_tokens": 1})
+    return time.perf_counter() - start
+
+
+def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
+    """Load the model from a local folder, warm it up, then per request: the answer, end-to-end latency and
+    time to first token (first streamed chunk where the model streams, else a max_tokens=1 request)."""
+    import mlflow
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    model = mlflow.pyfunc.load_model(model_dir)
+    load_seconds = time.perf_counter() - start
+
+    warm_up = {**requests[0], "max_tokens": 2}
+    model.predict(warm_up)
+    try:
+        _ttft_streaming(model, warm_up)
+        ttft, ttft_method = _ttft_streaming, "first streamed chunk"
+    except Exception:  # MLflow raises when a flavor has no predict_stream
+        ttft, ttft_method = _ttft_one_token, "max_tokens=1 request"
+
+    rows = []
+    for request in tqdm(requests, desc=label, unit="prompt"):
+        start = time.perf_counter()
+        (answer,) = model.predict(request)
+        latency = time.perf_counter() - start
+        rows.append({"answer": answer["choices"][0]["message"]["content"],
+                     "finish_reason": answer["choices"][0]["finish_reason"],
+                     "prompt_tokens": answer["usage"]["prompt_tokens"],
+                     "completion_tokens": answer["usage"]["completion_tokens"],
+                     "latency_s": latency, "ttft_s": ttft(model, request)})
+    return {"load_seconds": load_seconds, "ttft_method": ttft_method, "rows": rows,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

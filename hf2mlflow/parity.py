@@ -1,0 +1,118 @@
+"""Conversion parity: a logged model's greedy tokens and next-token logits against its source Hugging Face
+model in PyTorch (float32, CPU), on the same prompt token ids (so tokenization differences do not count)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class PromptParity:
+    reference_tokens: list[int]
+    tokens: list[int]
+    logits_max_abs_diff: Optional[float] = None
+
+    @property
+    def first_divergence(self) -> Optional[int]:
+        """Index of the first new token that differs (a shorter sequence differs where it ends); None if equal."""
+        for i, (a, b) in enumerate(zip(self.reference_tokens, self.tokens)):
+            if a != b:
+                return i
+        if len(self.reference_tokens) != len(self.tokens):
+            return min(len(self.reference_tokens), len(self.tokens))
+        return None
+
+    @property
+    def matched_share(self) -> float:
+        """Share of the reference's tokens produced before the first divergence."""
+        first = self.first_divergence
+        return 1.0 if first is None else first / max(len(self.reference_tokens), 1)
+
+
+class TorchModel:
+    """A causal LM in PyTorch: the source model (reference) or a logged transformers model."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+
+    @classmethod
+    def from_folder(cls, path: Path, trust_remote_code: bool = False) -> "TorchModel":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids], device=self.model.device), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0)
+        return out[0, len(ids):].tolist()
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, -1]
+        return logits.float().cpu().numpy()
+
+
+class GenAIModel:
+    """An onnxruntime-genai model folder (the ONNX artifacts of a logged pyfunc)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(path))
+
+    def _generator(self, ids: list[int], max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        return generator
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        generator = self._generator(ids, len(ids) + max_new_tokens)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        return np.asarray(self._generator(ids, len(ids) + 1).get_logits(), dtype=np.float32).reshape(-1)
+
+
+def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new_tokens: int,
+            with_logits: bool) -> list[PromptParity]:
+    results = []
+    for messages in prompts:
+        ids = reference.prompt_ids(messages)
+        result = PromptParity(reference.greedy(ids, max_new_tokens), candidate.greedy(ids, max_new_tokens))
+        if with_logits:
+            result.logits_max_abs_diff = float(np.max(np.abs(reference.next_logits(ids) - candidate.next_logits(ids))))
+        results.append(result)
+    return results
+
+
+def summarize(results: list[PromptParity]) -> dict:
+    divergences = [r.first_divergence for r in results]
+    summary = {
+        "parity_identical_rate": sum(d is None for d in divergences) / len(results),
+        "parity_matched_share": float(np.mean([r.matched_share for r in results])),
+        "parity_first_divergence_min": float(min((d for d in divergences if d is not None), default=-1)),
+    }
+    logits = [r.logits_max_abs_diff for r in results if r.logits_max_abs_diff is not None]
+    if logits:
+        summary["parity_logits_max_abs_diff"] = float(max(logits))
+    return summary

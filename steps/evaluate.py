@@ -1,0 +1,18 @@
+"""Entry point evaluate: quality, conversion parity and speed of logged chat models, side by side."""
+
+import sys
+from pathlib import Path
+
+# Import the package of the project being run (also a `mlflow run <git-url>` clone), not another copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf2mlflow.errors import run_step  # noqa: E402
+from hf2mlflow.evaluate import EvaluateArgs, evaluate  # noqa: E402
+
+
+def main(argv=None) -> str:
+    return run_step("evaluate", EvaluateArgs, evaluate, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""evaluate: quality, conversion parity and speed of the tiny model's three logged forms, side by side."""
+
+import json
+
+import matplotlib.image
+import mlflow
+import pytest
+
+from conftest import all_runs, local_store
+from hf2mlflow.errors import ConfigError
+from hf2mlflow.evaluate import EvaluateArgs, evaluate
+
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def evaluation(logged, logged_transformers):
+    """cpu-int4 and cpu-fp32 ONNX pyfuncs and the fp32 transformers model of tiny-phi3, evaluated in one run."""
+    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+
+    with local_store(logged["root"]):
+        fp32 = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-fp32"))))
+        run_id = evaluate(EvaluateArgs(models=",".join([logged["uri"], fp32, logged_transformers]), limit=LIMIT))
+        yield mlflow.get_run(run_id)
+
+
+NAMES = ["tiny-phi3-cpu-int4-onnx", "tiny-phi3-cpu-fp32-onnx", "tiny-phi3-cpu-fp32-transformers"]
+
+
+def test_one_run_with_metrics_per_model(evaluation):
+    assert evaluation.info.status == "FINISHED" and evaluation.data.tags["step"] == "evaluate"
+    metrics, tags = evaluation.data.metrics, evaluation.data.tags
+    for name in NAMES:
+        assert tags[f"model.{name}.uri"].startswith("models:/")
+        for key in ("exact_match", "rouge_l", "contains", "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50",
+                    "latency_s_p95", "load_s", "peak_rss_mib", "size_mib", "parity_identical_rate"):
+            assert f"{name}.{key}" in metrics, f"{name}.{key}"
+        assert metrics[f"{name}.decode_tokens_per_s"] > 0 and metrics[f"{name}.peak_rss_mib"] > 50
+        assert metrics[f"{name}.latency_s_p95"] >= metrics[f"{name}.latency_s_p50"]
+
+
+def test_fp32_onnx_and_transformers_agree_with_pytorch(evaluation):
+    metrics = evaluation.data.metrics
+    # Measured by running both models greedily on every prompt: fp32 ONNX reproduces PyTorch token for token.
+    assert metrics["tiny-phi3-cpu-fp32-onnx.parity_identical_rate"] == 1.0
+    assert metrics["tiny-phi3-cpu-fp32-onnx.parity_logits_max_abs_diff"] < 1e-3
+    assert metrics["tiny-phi3-cpu-fp32-transformers.parity_identical_rate"] == 1.0
+    assert "tiny-phi3-cpu-int4-onnx.parity_logits_max_abs_diff" not in metrics  # logits only for fp32/fp16
+
+
+def test_tables_chart_and_flags(evaluation):
+    run_id = evaluation.info.run_id
+    comparison = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                                     artifact_path="comparison.json")).read())
+    assert [row["model"] for row in comparison] == NAMES
+    for row in comparison:  # flagged exactly when fewer prompts than the dataset's threshold (90%) are identical
+        assert bool(row["flag"]) == (row["parity_identical_rate"] < 0.9)
+    table = mlflow.load_table("comparison_table.json", run_ids=[run_id])
+    assert list(table["model"]) == NAMES
+    prompts = mlflow.load_table("per_prompt_outputs.json", run_ids=[run_id])
+    assert len(prompts) == LIMIT * len(NAMES)
+    assert set(prompts.columns) >= {"model", "question", "reference", "answer", "rouge_l", "first_divergence"}
+    chart = matplotlib.image.imread(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                                        artifact_path="speed_vs_quality.png"))
+    assert chart.ndim == 3 and chart.shape[0] > 100 and chart.shape[1] > 100
+    children = [r for r in all_runs(mlflow.get_tracking_uri())
+                if r.data.tags.get("mlflow.parentRunId") == run_id]
+    assert sorted(r.data.tags["model_uri"] for r in children) == sorted(
+        evaluation.data.tags[f"model.{n}.uri"] for n in NAMES)
+
+
+def write_dataset(tmp_path, lines, **config):
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "qa.yaml").write_text(json.dumps({"path": config.pop("path", "qa.jsonl"), **config}))
+    return str(tmp_path / "qa.yaml")
+
+
+GOOD = '{"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris"}'
+
+
+@pytest.mark.parametrize("lines, config, expected", [
+    ([GOOD, '{"reference": "Paris"}'], {}, "line 2: 'messages' is missing"),
+    ([GOOD, '{"messages": [{"role": "user", "content": "Hi"}]}'], {}, "line 2: 'reference' must be a non-empty"),
+    (['{"messages": [{"role": "robot", "content": "Hi"}], "reference": "x"}'], {}, "line 1: messages[0].role"),
+    ([GOOD, "{not json"], {}, "line 2: not valid JSON"),
+    ([GOOD.replace('"reference"', '"answer"')], {}, "unknown key(s) answer; allowed: id, messages, reference"),
+    (["", "  "], {}, "has no examples"),
+    ([GOOD], {"path": "../outside.jsonl"}, "points outside"),
+    ([GOOD], {"metrics": ["bleu"]}, "key 'metrics.0'"),
+])
+def test_bad_dataset_fails_before_any_run(tracking, tmp_path, logged, lines, config, expected):
+    with pytest.raises(ConfigError) as err:
+        evaluate(EvaluateArgs(models=logged["uri"], dataset=write_dataset(tmp_path, lines, **config)))
+    assert expected in str(err.value)
+    assert all_runs(tracking) == []
+
+
+def test_bad_models_fail_before_any_run(tracking, tmp_path):
+    from hf2mlflow.convert import ConvertArgs, convert
+
+    convert_run = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+    for models, expected in [
+        (convert_run, f"run ID '{convert_run}' (convert_onnx run) holds no logged model"),
+        ("models:/no-such-model@candidate", "'models:/no-such-model@candidate' does not load"),
+        ("0" * 32, "no such run"),
+        ("my-model", "neither a run ID"),
+        (" , ", "at least one run ID or model URI"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            evaluate(EvaluateArgs(models=models))
+        assert expected in str(err.value)
+    assert [r.data.tags["step"] for r in all_runs(tracking)] == ["convert_onnx"]

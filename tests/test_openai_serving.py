@@ -1,0 +1,193 @@
+"""The official openai client against our models, over real HTTP, through real processes:
+
+`mlflow models serve` <- hf2mlflow.openai_serving --model-server-url ("forwarded": whole answers)
+                         hf2mlflow.openai_serving --model-uri        ("loaded": whole and streamed)
+                         mlflow gateway start (openai provider) -> the loaded server ("gateway")
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from test_serve import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def _start(name, command, root, env, processes):
+    log = open(root / f"{name}.log", "w")
+    # A session of its own, so the finaliser can stop the process and every worker it forks.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    processes.append((proc, log))
+    return proc
+
+
+def _wait_healthy(name, proc, url, root, deadline):
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"{name} exited:\n" + (root / f"{name}.log").read_text()[-3000:]
+            time.sleep(0.5)
+    pytest.fail(f"{name} did not answer {url} in time:\n" + (root / f"{name}.log").read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def servers(logged):
+    """All four processes, started at once (they connect to each other only per request)."""
+    root, served = logged["root"], logged["uri"].removeprefix("models:/").split("@")[0]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    ports = {name: free_port() for name in ("model_server", "forwarded", "loaded", "gateway")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    # The shipped gateway template, pointed at this test's ports.
+    gateway_config = yaml.safe_load((REPO / "configs/gateway/openai-compatible.yaml").read_text())
+    (endpoint,) = gateway_config["endpoints"]
+    endpoint["name"] = endpoint["model"]["name"] = served
+    endpoint["model"]["config"]["openai_api_base"] = f"{url['loaded']}/v1"
+    (root / "gateway.yaml").write_text(yaml.safe_dump(gateway_config))
+    commands = {
+        "model_server": ["mlflow", "models", "serve", "-m", logged["uri"], "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(ports["model_server"]), "-w", "1"],
+        "forwarded": [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-server-url", url["model_server"],
+                      "--served-model-name", served, "--port", str(ports["forwarded"])],
+        "loaded": [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-uri", logged["uri"],
+                   "--port", str(ports["loaded"])],
+        "gateway": ["mlflow", "gateway", "start", "--config-path", str(root / "gateway.yaml"),
+                    "--host", "127.0.0.1", "--port", str(ports["gateway"]), "--workers", "1"],
+    }
+    health = {"model_server": "/ping", "forwarded": "/health", "loaded": "/health", "gateway": "/health"}
+    processes = []
+    try:
+        procs = {name: _start(name, command, root, env, processes) for name, command in commands.items()}
+        deadline = time.time() + 180
+        for name, proc in procs.items():
+            _wait_healthy(name, proc, url[name] + health[name], root, deadline)
+        yield {"url": url, "served": served}
+    finally:
+        for proc, log in processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, log in processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+
+
+def client(servers, name) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{servers['url'][name]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(params=["loaded", "forwarded"])
+def chat(request, servers):
+    """create(**kwargs) against one backend, with the served model's name filled in."""
+    api = client(servers, request.param)
+    return lambda **kwargs: api.chat.completions.create(**{"model": servers["served"], **kwargs})
+
+
+def _usage_is_consistent(response, max_tokens):
+    usage = response.usage
+    assert usage.prompt_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    for choice in response.choices:
+        assert choice.finish_reason in ("stop", "length")
+    assert usage.completion_tokens <= max_tokens * len(response.choices)
+
+
+def test_models_lists_the_served_model(servers):
+    for name in ("loaded", "forwarded"):
+        assert [m.id for m in client(servers, name).models.list()] == [servers["served"]]
+
+
+def test_chat_completion(chat, servers):
+    response = chat(messages=[{"role": "developer", "content": "Answer briefly."}, *HELLO], max_completion_tokens=6)
+    assert response.object == "chat.completion" and response.model == servers["served"]
+    (choice,) = response.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    _usage_is_consistent(response, 6)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 12])
+def test_max_tokens_is_honoured(chat, max_tokens):
+    response = chat(messages=HELLO, max_tokens=max_tokens, n=2, temperature=1.0, seed=7)
+    assert len(response.choices) == 2
+    _usage_is_consistent(response, max_tokens)
+    if all(c.finish_reason == "length" for c in response.choices):
+        assert response.usage.completion_tokens == 2 * max_tokens
+
+
+def test_same_seed_same_answer(chat):
+    ask = lambda seed, top_p=1.0: chat(messages=HELLO, max_tokens=12, temperature=1.0, top_p=top_p,
+                                       seed=seed).choices[0].message.content
+    assert ask(1) == ask(1) and ask(2, top_p=0.8) == ask(2, top_p=0.8)
+    assert len({ask(seed) for seed in (1, 2, 3, 4)}) > 1  # the seed reaches the sampler
+
+
+def test_stop_strings(chat):
+    full = chat(messages=HELLO, max_tokens=16).choices[0].message.content  # greedy: the same prefix every time
+    stop = full[4:6]
+    assert len(stop) == 2, f"the greedy answer is too short to pick a stop string from: {full!r}"
+    for given in (stop, [stop, "\u2603never"]):  # OpenAI takes a string or a list
+        (choice,) = chat(messages=HELLO, max_tokens=16, stop=given).choices
+        assert choice.message.content == full[:full.find(stop)] and choice.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kwargs, error, expected", [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError,
+     "role must be one of system, user, assistant"),
+    ({"messages": HELLO, "max_tokens": -3}, openai.BadRequestError, "'max_tokens' must be between 1"),
+    ({"messages": HELLO, "logprobs": True}, openai.BadRequestError, "unsupported field(s) logprobs"),
+    ({"messages": HELLO, "model": "gpt-4o"}, openai.NotFoundError, "model 'gpt-4o' is not served here"),
+])
+def test_bad_requests_raise_and_the_servers_keep_serving(chat, kwargs, error, expected):
+    with pytest.raises(error) as raised:
+        chat(**kwargs)
+    assert 400 <= raised.value.status_code < 500 and expected in raised.value.message
+    assert chat(messages=HELLO, max_tokens=2).choices[0].message.role == "assistant"
+
+
+def test_streamed_completion_matches_the_whole_answer(servers):
+    api, served = client(servers, "loaded"), servers["served"]
+    whole = api.chat.completions.create(model=served, messages=HELLO, max_tokens=10)
+    chunks = list(api.chat.completions.create(model=served, messages=HELLO, max_tokens=10, stream=True))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_streaming_refusals(servers):
+    served = servers["served"]
+    loaded, forwarded = client(servers, "loaded"), client(servers, "forwarded")
+    with pytest.raises(openai.BadRequestError, match="role must be one of"):  # before any chunk: a real 400
+        loaded.chat.completions.create(model=served, messages=[{"role": "robot", "content": "hi"}], stream=True)
+    with pytest.raises(openai.BadRequestError, match="include_usage is not supported"):
+        loaded.chat.completions.create(model=served, messages=HELLO, stream=True,
+                                       stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="streaming needs the model loaded in this server"):
+        forwarded.chat.completions.create(model=served, messages=HELLO, stream=True)
+    assert len(list(loaded.chat.completions.create(model=served, messages=HELLO, max_tokens=3, stream=True))) >= 2
+
+
+def test_mlflow_gateway_in_front(servers):
+    api, served = client(servers, "gateway"), servers["served"]
+    response = api.chat.completions.create(model=served, messages=HELLO, max_tokens=5, temperature=1.0, seed=3)
+    again = api.chat.completions.create(model=served, messages=HELLO, max_tokens=5, temperature=1.0, seed=3)
+    assert response.choices[0].message.content == again.choices[0].message.content  # seed passes through
+    _usage_is_consistent(response, 5)
+    # The gateway keeps the 400 but puts the message in FastAPI's `detail`, where the client does not look.
+    with pytest.raises(openai.BadRequestError) as raised:
+        api.chat.completions.create(model=served, messages=[{"role": "robot", "content": "hi"}])
+    assert "role must be one of" in str(raised.value.body)
+    assert api.chat.completions.create(model=served, messages=HELLO, max_tokens=2).choices[0].finish_reason
