@@ -106,6 +106,8 @@ class LoadedModel:
         import mlflow.pyfunc
 
         self.model = mlflow.pyfunc.load_model(model_uri)
+        # MLflow's transformers flavor has no predict_stream; the ONNX pyfunc has.
+        self.streams = getattr(self.model, "_predict_stream_fn", None) is not None
 
     def complete(self, request: dict) -> dict:
         try:
@@ -115,6 +117,9 @@ class LoadedModel:
         return response
 
     def stream(self, request: dict) -> Iterator[dict]:
+        if not self.streams:
+            raise OpenAIError(400, "this model does not stream (MLflow's transformers flavor has no predict_stream); "
+                              "send stream=false", param="stream")
         # MLflow's predict_stream sets and resets a context variable around the generator, so the whole
         # generator must run in one thread; the server pulls chunks from other threads, so a queue joins them.
         # Unbounded: a client that goes away leaves generation to finish (max_tokens bounds it), not to hang.

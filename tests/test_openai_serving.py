@@ -191,3 +191,26 @@ def test_mlflow_gateway_in_front(servers):
         api.chat.completions.create(model=served, messages=[{"role": "robot", "content": "hi"}])
     assert "role must be one of" in str(raised.value.body)
     assert api.chat.completions.create(model=served, messages=HELLO, max_tokens=2).choices[0].finish_reason
+
+
+def test_transformers_flavor_behind_the_same_endpoint(logged, logged_transformers):
+    root, port = logged["root"], free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"])
+    processes = []
+    try:
+        proc = _start("loaded-transformers", [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-uri",
+                                              logged_transformers, "--port", str(port)], root, env, processes)
+        _wait_healthy("loaded-transformers", proc, f"http://127.0.0.1:{port}/health", root, time.time() + 180)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        name = logged_transformers.removeprefix("models:/").split("@")[0]
+        response = api.chat.completions.create(model=name, messages=HELLO, max_tokens=4)
+        assert response.choices[0].message.role == "assistant" and response.model == name
+        _usage_is_consistent(response, 4)
+        with pytest.raises(openai.BadRequestError, match="does not stream"):
+            list(api.chat.completions.create(model=name, messages=HELLO, max_tokens=4, stream=True))
+        assert api.chat.completions.create(model=name, messages=HELLO, max_tokens=2).usage.completion_tokens <= 2
+    finally:
+        for proc, log in processes:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+            log.close()
