@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow.errors import ConfigError
+from hf2mlflow.errors import ConfigError, StepError
 
 
 def log_params_once(params: dict) -> None:
@@ -27,6 +28,9 @@ def step_run(step: str, run_name: str, tags: dict, params: dict):
         mlflow.set_tags({"step": step, "mlflow.runName": run_name, **tags})
         log_params_once(params)
         try:
+            if os.environ.get("HF2MLFLOW_FAIL_STEP") == step:
+                # Fault injection, for testing what a failed step does to the workflow (never set it otherwise).
+                raise StepError(f"failing on purpose: HF2MLFLOW_FAIL_STEP={step}")
             yield run
         except BaseException as exc:
             mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
@@ -65,7 +69,9 @@ def set_alias(step: str, model_info, registered: str, alias: str) -> str:
     print(f"[{step}] setting alias '{alias}' on version {version} of '{registered}'")
     mlflow.MlflowClient().set_registered_model_alias(registered, alias, version)
     mlflow.log_param("registered_model_version", version)
-    return f"models:/{registered}@{alias}"
+    uri = f"models:/{registered}@{alias}"
+    mlflow.set_tags({"registered_model_uri": uri, "registered_model_version_uri": f"models:/{registered}/{version}"})
+    return uri
 
 
 def print_model_summary(step: str, run, model_info, registered_uri: str) -> None:
