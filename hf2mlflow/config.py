@@ -20,6 +20,8 @@ from hf2mlflow.errors import ConfigError
 
 ExecutionProvider = Literal["cpu", "cuda", "dml", "webgpu"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Exporter = Literal["genai-builder", "optimum"]
+EXPORTERS: tuple[str, ...] = get_args(Exporter)
 
 # Combinations the onnxruntime-genai model builder produces (design.md section 2).
 VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
@@ -28,7 +30,16 @@ VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
     "dml": ("fp16", "int4"),
     "webgpu": ("int8", "int4"),
 }
-BUILTIN_MODELS = ("tiny-phi3", "tiny-qwen2")
+# What optimum's ONNX exporter (text-generation-with-past) writes and onnxruntime runs, checked here: fp32
+# exports on the CPU for tiny-phi3 and tiny-gpt2; fp16 exports on the CPU and runs on the CPU provider for
+# tiny-phi3, while GPT-2's fp16 export fails inside optimum-onnx 0.1.0 (LayerNormalization typed float and
+# float16), which the exporter reports; bf16 fails to export (and ONNX Runtime's CPU/CUDA kernels lack bf16);
+# the exporter does not quantize.
+OPTIMUM_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "cpu": ("fp32", "fp16"),
+    "cuda": ("fp32", "fp16"),
+}
+BUILTIN_MODELS = ("tiny-phi3", "tiny-qwen2", "tiny-gpt2")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -103,19 +114,50 @@ class Target(Strict):
     generation: Generation = Generation()
     # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
     transformers: Optional[TransformersSettings] = None
+    # How convert_onnx makes the ONNX model; None: genai-builder, unless convert_onnx's `exporter` says otherwise.
+    exporter: Optional[Exporter] = None
 
     @model_validator(mode="after")
     def _valid_combination(self):
-        allowed = VALID_PRECISIONS[self.execution_provider]
-        if self.precision not in allowed:
-            raise ValueError(
-                f"precision '{self.precision}' is not built for execution_provider '{self.execution_provider}'; "
-                f"allowed precisions for {self.execution_provider}: {', '.join(allowed)}")
-        quant = [k for k in QUANTIZATION_OPTIONS if getattr(self.builder_options, k) is not None]
-        if quant and self.precision not in ("int4", "int8"):
-            raise ValueError(f"builder_options {', '.join(quant)} only apply to precision int4 or int8, "
-                             f"not '{self.precision}'")
+        problem = exporter_problem(self, self.exporter or "genai-builder")
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def with_exporter(self, exporter: str) -> "Target":
+        """This target built by `exporter` ('' keeps the target's own, default genai-builder); ConfigError when
+        the exporter is unknown or cannot build this provider and precision."""
+        exporter = exporter or self.exporter or "genai-builder"
+        if exporter not in EXPORTERS:
+            raise ConfigError(f"exporter '{exporter}' is not allowed; allowed: {', '.join(EXPORTERS)}")
+        problem = exporter_problem(self, exporter)
+        if problem:
+            raise ConfigError(f"target '{self.name}' with exporter '{exporter}': {problem}")
+        return self.model_copy(update={"exporter": exporter})
+
+
+def exporter_problem(target: Target, exporter: str) -> Optional[str]:
+    """Why `exporter` cannot build `target` (None if it can)."""
+    if exporter == "optimum":
+        allowed = OPTIMUM_PRECISIONS.get(target.execution_provider, ())
+        if target.precision not in allowed:
+            combos = "; ".join(f"{p}: {', '.join(v)}" for p, v in OPTIMUM_PRECISIONS.items())
+            return (f"the optimum exporter does not build precision '{target.precision}' for execution_provider "
+                    f"'{target.execution_provider}' (it exports float weights only, no quantization); "
+                    f"optimum builds {combos}")
+        options = list(target.builder_options.model_dump(exclude_none=True))
+        if options:
+            return (f"builder_options {', '.join(options)} are options of the genai-builder exporter; "
+                    f"the optimum exporter takes none")
+        return None
+    allowed = VALID_PRECISIONS[target.execution_provider]
+    if target.precision not in allowed:
+        return (f"precision '{target.precision}' is not built for execution_provider '{target.execution_provider}'; "
+                f"allowed precisions for {target.execution_provider}: {', '.join(allowed)}")
+    quant = [k for k in QUANTIZATION_OPTIONS if getattr(target.builder_options, k) is not None]
+    if quant and target.precision not in ("int4", "int8"):
+        return f"builder_options {', '.join(quant)} only apply to precision int4 or int8, not '{target.precision}'"
+    return None
 
 
 class ModelSpec(Strict):
@@ -126,7 +168,7 @@ class ModelSpec(Strict):
     hub_id: Optional[str] = Field(None, description="Hugging Face repo id, e.g. microsoft/Phi-3-mini-4k-instruct")
     revision: str = Field("main", description="branch, tag or commit sha on the hub; pin a sha to reproduce")
     local_path: Optional[Path] = None
-    builtin: Optional[Literal["tiny-phi3", "tiny-qwen2"]] = None
+    builtin: Optional[Literal["tiny-phi3", "tiny-qwen2", "tiny-gpt2"]] = None
     trust_remote_code: bool = False
 
     @model_validator(mode="after")

@@ -1,4 +1,8 @@
-"""The convert_onnx step: Hugging Face model -> ONNX Runtime GenAI model, tracked in MLflow."""
+"""The convert_onnx step: Hugging Face model -> ONNX model, tracked in MLflow.
+
+Two routes: onnxruntime-genai's model builder (the default; an ONNX Runtime GenAI model) and optimum's ONNX
+exporter (plain ONNX with a KV cache, served with onnxruntime) for architectures the builder does not know.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from hf2mlflow.manifest import build_manifest
 from hf2mlflow.sources import resolve_model, source_params
 from hf2mlflow.tiny_models import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
-from hf2mlflow.validate import check_genai_files, validate_genai_model
+from hf2mlflow.validate import check_genai_files, validate_genai_model, validate_optimum_model
 
 STEP = "convert_onnx"
 ONNX_ARTIFACT_PATH = "onnx"
+# The run's `artifact_format` tag per exporter: log_pyfunc serves each format with its own engine.
+ARTIFACT_FORMAT = {"genai-builder": "onnxruntime-genai", "optimum": "optimum-onnx"}
 
 
 @dataclass
@@ -33,19 +39,29 @@ class ConvertArgs:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow code shipped in the model repo to run; overrides the config"})
     cache_dir: str = field(default="", metadata={"help": "Hugging Face download cache; default HF_HOME"})
+    exporter: str = field(default="", metadata={
+        "help": "genai-builder (onnxruntime-genai's model builder) or optimum (optimum's ONNX export, served with "
+                "onnxruntime: architectures the builder does not support); default: the target's, else genai-builder"})
 
 
 def convert(args: ConvertArgs) -> str:
     """Convert, validate and log; returns the run ID. Config errors raise before any run starts."""
-    target = load_target(args.target)
+    target = load_target(args.target).with_exporter(args.exporter)
     spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
-    output_name = args.output_name or f"{spec.name}-{target.name}"
+    # Both routes of one model and target can sit side by side in the UI.
+    suffix = "-optimum" if target.exporter == "optimum" else ""
+    output_name = args.output_name or f"{spec.name}-{target.name}{suffix}"
 
-    tags = {"model": spec.name, "target": target.name, "artifact_format": "onnxruntime-genai"}
+    tags = {"model": spec.name, "target": target.name, "exporter": target.exporter,
+            "artifact_format": ARTIFACT_FORMAT[target.exporter]}
     params = {"model": args.model, "target": args.target, "output_name": args.output_name,
-              "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir}
+              "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir,
+              "exporter": args.exporter}
     with step_run(STEP, output_name, tags, params) as run:
-        _convert_in_run(spec, target, args.cache_dir)
+        if target.exporter == "optimum":
+            _export_optimum_in_run(spec, target, args.cache_dir)
+        else:
+            _convert_in_run(spec, target, args.cache_dir)
     print_run_summary(STEP, run, {"ONNX model": f"runs:/{run.info.run_id}/{ONNX_ARTIFACT_PATH}",
                                   "artifact location": f"{run.info.artifact_uri}/{ONNX_ARTIFACT_PATH}",
                                   "next": f"mlflow run . -e log_pyfunc -P convert_run_id={run.info.run_id}"})
@@ -76,22 +92,62 @@ def _convert_in_run(spec, target, cache_dir: str) -> None:
         print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
         check_genai_files(out, target.execution_provider)
         if target.execution_provider == "cpu":
-            check = validate_genai_model(out)
-            mlflow.log_dict(check.to_dict(), "validation.json")
-            mlflow.log_metrics({"validation_seconds": check.seconds,
-                                "validation_new_tokens": len(check.new_tokens),
-                                "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
-            print(f"[{STEP}] generated {len(check.new_tokens)} tokens: {check.text!r}")
+            _log_validation(validate_genai_model(out))
         else:
             # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
             mlflow.set_tag("validation", f"graph checked; generation skipped: needs a {target.execution_provider} device")
             print(f"[{STEP}] graph checked; generation skipped: a {target.execution_provider} model needs that device")
 
-        print(f"[{STEP}] 4/4 logging artifacts")
-        manifest = build_manifest(out)
-        mlflow.log_metric("artifact_bytes", manifest["total_bytes"])
         genai_config = json.loads((out / "genai_config.json").read_text())
-        log_params_once({"context_length": genai_config["model"].get("context_length", "")})
-        mlflow.log_dict(manifest, "manifest.json")
-        mlflow.log_artifacts(str(out), ONNX_ARTIFACT_PATH)
-        shutil.rmtree(out, ignore_errors=True)
+        _log_model_folder(out, genai_config["model"].get("context_length", ""))
+
+
+def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
+    from transformers import AutoConfig
+
+    from hf2mlflow.optimum_export import TASK, optimum_versions, run_export
+    from hf2mlflow.ort_chat import context_length
+
+    print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
+    resolved = resolve_model(spec, cache_dir)
+    versions = optimum_versions()
+    log_params_once({
+        **source_params(resolved),
+        "execution_provider": target.execution_provider,
+        "precision": target.precision,
+        "export_task": TASK,
+        **versions,
+    })
+    work_root = home() / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STEP}-", dir=work_root) as work:
+        out = Path(work) / "onnx"
+        print(f"[{STEP}] 2/4 exporting {target.precision} ONNX ({TASK}) with optimum {versions['optimum_version']} "
+              f"/ optimum-onnx {versions['optimum_onnx_version']}")
+        export = run_export(resolved.path, out, target.precision, spec.trust_remote_code)
+        mlflow.log_metrics({"conversion_seconds": export.seconds, "export_peak_rss_bytes": export.peak_rss_bytes})
+        print(f"[{STEP}] exported in {export.seconds:.1f} s, exporter peak RSS {export.peak_rss_bytes / 2**20:.0f} MiB")
+
+        # The graph names no execution provider, so the CPU can check a model meant for a GPU as well.
+        print(f"[{STEP}] 3/4 validating: load with onnxruntime (optimum's ORTModelForCausalLM, CPU) and generate")
+        _log_validation(validate_optimum_model(out, resolved.path))
+        _log_model_folder(out, context_length(AutoConfig.from_pretrained(out,
+                                                                         trust_remote_code=spec.trust_remote_code)))
+
+
+def _log_validation(check) -> None:
+    mlflow.log_dict(check.to_dict(), "validation.json")
+    mlflow.log_metrics({"validation_seconds": check.seconds,
+                        "validation_new_tokens": len(check.new_tokens),
+                        "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
+    print(f"[{STEP}] generated {len(check.new_tokens)} tokens: {check.text!r}")
+
+
+def _log_model_folder(out: Path, context_length) -> None:
+    print(f"[{STEP}] 4/4 logging artifacts")
+    manifest = build_manifest(out)
+    mlflow.log_metric("artifact_bytes", manifest["total_bytes"])
+    log_params_once({"context_length": context_length})
+    mlflow.log_dict(manifest, "manifest.json")
+    mlflow.log_artifacts(str(out), ONNX_ARTIFACT_PATH)
+    shutil.rmtree(out, ignore_errors=True)

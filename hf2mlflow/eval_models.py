@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from hf2mlflow.config import ModelSpec
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.log_pyfunc import RUNTIME_PACKAGE
+from hf2mlflow.log_pyfunc import ORT_PACKAGE, RUNTIME_PACKAGE
 from hf2mlflow.log_transformers import SHORT_DTYPE, TASK
 from hf2mlflow.sources import spec_from_source_params
 
@@ -25,7 +25,7 @@ class EvalModel:
     ref: str  # as the user gave it
     uri: str
     name: str  # short name for metric keys and tables
-    flavor: str  # "onnx" or "transformers"
+    flavor: str  # "onnx" (onnxruntime-genai), "optimum-onnx" (onnxruntime through optimum) or "transformers"
     precision: str
     logged_by_run: str
     source: ModelSpec  # the Hugging Face model it came from: the parity reference
@@ -44,13 +44,13 @@ def _uri_for_run(run_id: str) -> str:
     return f"models:/{logged[0].model_id}"
 
 
-def _check_runtime(ref: str, provider: str) -> None:
-    """A model built for a GPU provider runs only where that provider's onnxruntime-genai package is installed."""
+def _check_runtime(ref: str, provider: str, flavor: str) -> None:
+    """A model built for a GPU provider runs only where that provider's runtime package is installed."""
     if provider == "cpu":
         return
-    package = RUNTIME_PACKAGE[provider]
+    package = ORT_PACKAGE[provider] if flavor == "optimum-onnx" else RUNTIME_PACKAGE[provider]
     try:
-        installed = package != "onnxruntime-genai" and importlib.metadata.version(package)
+        installed = package not in ("onnxruntime-genai", "onnxruntime") and importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         installed = False
     if not installed:
@@ -84,9 +84,11 @@ def resolve(ref: str) -> EvalModel:
         source_run = info.run_id
         default_name = f"{meta.get('model')}-{meta.get('device')}-{precision}-transformers"
     elif "source_run_id" in meta and "execution_provider" in meta:
-        flavor, precision, source_run = "onnx", meta["precision"], meta["source_run_id"]
-        default_name = f"{meta['model']}-{meta['target']}-onnx"
-        _check_runtime(ref, meta["execution_provider"])
+        optimum = meta.get("artifact_format") == "optimum-onnx"
+        flavor, precision, source_run = "optimum-onnx" if optimum else "onnx", meta["precision"], meta["source_run_id"]
+        # log_pyfunc's default registered names: the two routes of one model and target differ.
+        default_name = f"{meta['model']}-{meta['target']}{'-optimum' if optimum else ''}-onnx"
+        _check_runtime(ref, meta["execution_provider"], flavor)
     else:
         raise ConfigError(f"models: '{ref}' is not a chat model of this project (log_pyfunc or log_transformers)")
     params = mlflow.get_run(source_run).data.params

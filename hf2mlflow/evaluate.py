@@ -54,7 +54,7 @@ def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
 
 
 def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int, references: dict):
-    from hf2mlflow.parity import GenAIModel, TorchModel, compare
+    from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel, compare
     from hf2mlflow.sources import resolve_model
 
     key = (model.source.source, str(model.source.hub_id or model.source.builtin or model.source.local_path),
@@ -65,6 +65,9 @@ def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_
     if model.flavor == "onnx":
         (genai_config,) = model_dir.rglob("genai_config.json")
         candidate = GenAIModel(genai_config.parent)
+    elif model.flavor == "optimum-onnx":
+        (graph,) = model_dir.rglob("model.onnx")
+        candidate = OptimumModel(graph.parent)
     else:
         pipeline = mlflow.transformers.load_model(str(model_dir))
         candidate = TorchModel(pipeline.model, pipeline.tokenizer)

@@ -2,7 +2,8 @@
 
 A subprocess keeps the builder's memory out of the step (it is the step's peak by
 far), shows its progress as it goes, and turns a kill (e.g. by the kernel's
-out-of-memory killer) into an error instead of a silent exit.
+out-of-memory killer) into an error instead of a silent exit. The optimum exporter
+(hf2mlflow/optimum_export.py) runs through the same `run_tool`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ REQUIRED_OUTPUTS = ("genai_config.json", "model.onnx")
 
 
 class BuilderError(StepError):
-    """The builder failed, was killed, or wrote an incomplete model."""
+    """The builder (or the optimum exporter) failed, was killed, or wrote an incomplete model."""
 
 
 def builder_version() -> str:
@@ -47,7 +48,9 @@ def check_architecture(architecture: str, model_name: str) -> None:
     if architecture not in supported:
         raise BuilderError(
             f"model '{model_name}' has architecture {architecture}, which the onnxruntime-genai "
-            f"{builder_version()} model builder does not support; supported: {', '.join(supported)}")
+            f"{builder_version()} model builder does not support; supported: {', '.join(supported)}. "
+            f"optimum exports many more architectures to ONNX (served with onnxruntime): convert with "
+            f"-P exporter=optimum")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,14 @@ def _peak_rss_bytes(rusage) -> int:
 def run_builder(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool = False,
                 log=print) -> BuildResult:
     command = builder_command(source, output, cache, target, trust_remote_code)
-    log(f"[builder] {' '.join(command[2:])}")
+    return run_tool(command, output, REQUIRED_OUTPUTS, "the model builder", "builder", log)
+
+
+def run_tool(command: list[str], output: Path, required_outputs: tuple[str, ...], tool: str, prefix: str,
+             log=print) -> BuildResult:
+    """Run a conversion command, stream its output with `[prefix]`, and check that it wrote `required_outputs`
+    in `output`; its own peak RSS comes from the kernel's accounting for that child."""
+    log(f"[{prefix}] {' '.join(command[2:])}")
     tail: collections.deque[str] = collections.deque(maxlen=40)
     start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -82,7 +92,7 @@ def run_builder(source: Path, output: Path, cache: Path, target: Target, trust_r
         line = line.rstrip()
         if line:
             tail.append(line)
-            log(f"[builder] {line}")
+            log(f"[{prefix}] {line}")
     # wait4 gives this child's own peak RSS, not that of every child this process ever had.
     _, status, rusage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -92,12 +102,12 @@ def run_builder(source: Path, output: Path, cache: Path, target: Target, trust_r
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
         why = " (SIGKILL is what the kernel's out-of-memory killer sends)" if name == "SIGKILL" else ""
-        raise BuilderError(f"the model builder was killed by {name}{why} after {seconds:.0f} s at "
+        raise BuilderError(f"{tool} was killed by {name}{why} after {seconds:.0f} s at "
                            f"{peak / 2**30:.1f} GiB peak RSS; its last output:\n{last}")
     if proc.returncode != 0:
-        raise BuilderError(f"the model builder exited with status {proc.returncode}; its last output:\n{last}")
-    missing = [f for f in REQUIRED_OUTPUTS if not (output / f).is_file()]
+        raise BuilderError(f"{tool} exited with status {proc.returncode}; its last output:\n{last}")
+    missing = [f for f in required_outputs if not (output / f).is_file()]
     if missing:
-        raise BuilderError(f"the model builder exited 0 but did not write {', '.join(missing)} in {output}; "
+        raise BuilderError(f"{tool} exited 0 but did not write {', '.join(missing)} in {output}; "
                            f"its last output:\n{last}")
     return BuildResult(seconds, peak, command)

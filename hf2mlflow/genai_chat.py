@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from hf2mlflow.chat_schema import ChatRequest, ChatRequestError, ChatResponse, Completion, chunk
+from hf2mlflow.chat_engine import ChatEngine
+from hf2mlflow.chat_schema import ChatRequest
 
 
-class GenAIChatEngine:
+class GenAIChatEngine(ChatEngine):
     def __init__(self, model_dir: Path, model_name: str):
         import onnxruntime_genai as og
 
@@ -25,64 +26,23 @@ class GenAIChatEngine:
         self.context_length = int(config["model"]["context_length"])
         self.eos_ids = {int(i) for i in self.tokenizer.eos_token_ids}
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def _encode(self, messages: list[dict]) -> list[int]:
         prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-        ids = [int(i) for i in self.tokenizer.encode(prompt)]
-        if len(ids) >= self.context_length:
-            raise ChatRequestError(f"the prompt is {len(ids)} tokens; this model's context length is "
-                                   f"{self.context_length}, which must also leave room for the answer")
-        return ids
+        return [int(i) for i in self.tokenizer.encode(prompt)]
 
-    def _deltas(self, prompt_ids: list[int], request: ChatRequest, seed_offset: int, done: Completion) -> Iterator[str]:
-        """Yield text as it is decoded; fill `done` with the finish reason and token count."""
+    def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: int | None, max_length: int) -> Iterator[int]:
         params = self._og.GeneratorParams(self.model)
-        options = {"max_length": min(len(prompt_ids) + request.max_tokens, self.context_length),
-                   "do_sample": request.do_sample}
+        options = {"max_length": max_length, "do_sample": request.do_sample}
         if request.do_sample:
             options.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
-            if request.seed is not None:
-                options["random_seed"] = request.seed + seed_offset
+            if seed is not None:
+                options["random_seed"] = seed
         params.set_search_options(**options)
         generator = self._og.Generator(self.model, params)
         generator.append_tokens(prompt_ids)
-        stream = self.tokenizer.create_stream()
-        pending = ""  # decoded text held back while it could be the start of a stop string
-        hold = max((len(s) for s in request.stop), default=1) - 1
         while not generator.is_done():
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            done.completion_tokens += 1
-            if token in self.eos_ids:
-                done.finish_reason = "stop"
-                break
-            pending += stream.decode(token)
-            cut = min((i for i in (pending.find(s) for s in request.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                done.finish_reason = "stop"
-                if pending[:cut]:
-                    yield pending[:cut]
-                return
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        if pending:
-            yield pending
+            yield int(generator.get_next_tokens()[0])
 
-    def chat(self, request: ChatRequest) -> dict:
-        prompt_ids = self.encode_chat(request.messages)
-        response = ChatResponse(self.model_name, len(prompt_ids))
-        for index in range(request.n):
-            completion = Completion()
-            completion.text = "".join(self._deltas(prompt_ids, request, index, completion))
-            response.choices.append(completion)
-        return response.to_dict()
-
-    def stream(self, request: ChatRequest) -> Iterator[dict]:
-        prompt_ids = self.encode_chat(request.messages)
-        head = ChatResponse(self.model_name, len(prompt_ids))
-        for index in range(request.n):
-            completion = Completion()
-            yield chunk(head.id, head.created, self.model_name, index, {"role": "assistant", "content": ""})
-            for text in self._deltas(prompt_ids, request, index, completion):
-                yield chunk(head.id, head.created, self.model_name, index, {"content": text})
-            yield chunk(head.id, head.created, self.model_name, index, {}, completion.finish_reason)
+    def _text_decoder(self) -> Callable[[int], str]:
+        return self.tokenizer.create_stream().decode

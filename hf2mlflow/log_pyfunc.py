@@ -16,8 +16,9 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import hf2mlflow
 from hf2mlflow.config import load_target
-from hf2mlflow.convert import ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
+from hf2mlflow.convert import ARTIFACT_FORMAT, ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
 from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.log_transformers import TORCH_CPU_INDEX
 from hf2mlflow.manifest import verify_manifest
 from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
 
@@ -26,6 +27,8 @@ MODEL_CODE = Path(hf2mlflow.__file__).with_name("onnx_chat_pyfunc.py")
 # The runtime package for each execution provider (the DirectML build lags behind the others).
 RUNTIME_PACKAGE = {"cpu": "onnxruntime-genai", "webgpu": "onnxruntime-genai", "cuda": "onnxruntime-genai-cuda",
                    "dml": "onnxruntime-genai-directml"}
+# The onnxruntime package for each provider an optimum export is served on (onnxruntime-gpu has CUDA and CPU).
+ORT_PACKAGE = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu"}
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 PROMPT_EXAMPLE = {"prompt": "What is the capital of France?"}
 
@@ -35,15 +38,25 @@ class LogPyfuncArgs:
     convert_run_id: str = field(metadata={"help": "run ID of a FINISHED convert_onnx run"})
     target: str = field(default="", metadata={
         "help": "target config for generation defaults; default: the conversion's target (same provider/precision)"})
-    registered_model_name: str = field(default="", metadata={"help": "Model Registry name; default MODEL-TARGET-onnx"})
+    registered_model_name: str = field(default="", metadata={
+        "help": "Model Registry name; default MODEL-TARGET-onnx (MODEL-TARGET-optimum-onnx for optimum exports)"})
     alias: str = field(default="candidate", metadata={"help": "alias set on the new registered version"})
     interface: str = field(default="chat", metadata={
         "help": "chat: OpenAI chat-completions schema; prompt: the seed notebook's {prompt: string} -> string"})
 
 
-def requirements(execution_provider: str) -> list[str]:
-    """What inference needs: no torch, no transformers."""
+def requirements(execution_provider: str, artifact_format: str = "onnxruntime-genai") -> list[str]:
+    """What inference needs. onnxruntime-genai models: no torch, no transformers. Optimum exports: onnxruntime
+    through optimum's ORTModelForCausalLM, which speaks torch tensors, and the Hugging Face tokenizer (pinned
+    like log_transformers' requirements: no torch local label, the CPU wheel index for CPU targets)."""
     version = importlib.metadata.version
+    if artifact_format == "optimum-onnx":
+        pins = [f"mlflow=={version('mlflow')}", f"optimum=={version('optimum')}",
+                f"optimum-onnx=={version('optimum-onnx')}",
+                f"{ORT_PACKAGE[execution_provider]}=={version('onnxruntime')}",
+                f"transformers=={version('transformers')}", f"tokenizers=={version('tokenizers')}",
+                f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
+        return ([TORCH_CPU_INDEX] if execution_provider == "cpu" else []) + pins
     runtime = RUNTIME_PACKAGE[execution_provider]
     # onnxruntime-genai-directml has no 0.15 release; 0.14.1 is its newest.
     runtime_version = "0.14.1" if execution_provider == "dml" else version("onnxruntime-genai")
@@ -85,7 +98,10 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                           f"{args.convert_run_id} built {built.precision} for {built.execution_provider}; "
                           f"convert again for that target")
     model_name = source.data.tags["model"]
-    registered = args.registered_model_name or f"{model_name}-{built.name}-onnx"
+    artifact_format = source.data.tags.get("artifact_format", ARTIFACT_FORMAT["genai-builder"])
+    # Two routes of one model and target register under different names (and evaluate's short names differ).
+    route = "-optimum" if artifact_format == ARTIFACT_FORMAT["optimum"] else ""
+    registered = args.registered_model_name or f"{model_name}-{built.name}{route}-onnx"
 
     with tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
         print(f"[{STEP}] 1/2 downloading the ONNX model of run {args.convert_run_id}")
@@ -98,7 +114,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
             raise StepError(f"run {args.convert_run_id}: artifacts do not match its manifest: {'; '.join(problems)}")
 
         tags = {"convert_run_id": args.convert_run_id, "model": model_name, "target": target.name,
-                "interface": args.interface}
+                "interface": args.interface, "artifact_format": artifact_format}
         params = {"convert_run_id": args.convert_run_id, "target": args.target,
                   "registered_model_name": args.registered_model_name, "alias": args.alias,
                   "interface": args.interface}
@@ -110,12 +126,14 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                 artifacts={"onnx": onnx_dir, "manifest": manifest},
                 code_paths=[str(MODEL_CODE.parent)],
                 model_config={"model_name": model_name, "interface": args.interface,
-                              "generation": target.generation.model_dump()},
+                              "generation": target.generation.model_dump(), "artifact_format": artifact_format,
+                              "execution_provider": target.execution_provider},
                 signature=signature(args.interface),
                 input_example=PROMPT_EXAMPLE if args.interface == "prompt" else CHAT_EXAMPLE,
-                pip_requirements=requirements(target.execution_provider),
+                pip_requirements=requirements(target.execution_provider, artifact_format),
                 metadata={"source_run_id": args.convert_run_id, "model": model_name, "target": target.name,
-                          "execution_provider": target.execution_provider, "precision": target.precision},
+                          "execution_provider": target.execution_provider, "precision": target.precision,
+                          "artifact_format": artifact_format},
                 registered_model_name=registered,
             )
             uri = set_alias(STEP, info, registered, args.alias)

@@ -1,7 +1,9 @@
 """The logged pyfunc model (models-from-code: this file is the model, nothing is pickled).
 
 Loaded by MLflow with `context.artifacts` (the ONNX folder and its manifest) and
-`context.model_config` (model name, generation defaults, interface).
+`context.model_config` (model name, generation defaults, interface, and the conversion's artifact_format,
+which picks the engine: onnxruntime-genai for the builder's models, onnxruntime through optimum for
+optimum's exports; both answer alike).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from hf2mlflow.chat_schema import ChatRequestError, parse_request
-from hf2mlflow.genai_chat import GenAIChatEngine
 from hf2mlflow.manifest import verify_manifest
 
 
@@ -32,7 +33,21 @@ def _bad_request(exc: Exception) -> MlflowException:
     return MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE)
 
 
-class OnnxGenAIChatModel(PythonModel):
+def _engine(artifact_format: str, model_dir: Path, config: dict):
+    # Imported here: each engine's runtime is installed only where a model of its format is logged.
+    if artifact_format == "onnxruntime-genai":
+        from hf2mlflow.genai_chat import GenAIChatEngine
+
+        return GenAIChatEngine(model_dir, config["model_name"])
+    if artifact_format == "optimum-onnx":
+        from hf2mlflow.ort_chat import OrtChatEngine
+
+        return OrtChatEngine(model_dir, config["model_name"], config.get("execution_provider", "cpu"))
+    raise MlflowException(f"model_config artifact_format '{artifact_format}' is not served by this model; "
+                          f"allowed: onnxruntime-genai, optimum-onnx")
+
+
+class OnnxChatModel(PythonModel):
     def load_context(self, context):
         config = context.model_config
         model_dir = Path(context.artifacts["onnx"])
@@ -42,7 +57,7 @@ class OnnxGenAIChatModel(PythonModel):
             raise MlflowException(f"the ONNX artifacts do not match the conversion manifest: {'; '.join(problems)}")
         self.defaults = config["generation"]
         self.interface = config["interface"]
-        self.engine = GenAIChatEngine(model_dir, config["model_name"])
+        self.engine = _engine(config.get("artifact_format", "onnxruntime-genai"), model_dir, config)
 
     def _request(self, row: dict, params):
         if self.interface == "prompt":
@@ -77,4 +92,4 @@ class OnnxGenAIChatModel(PythonModel):
         yield from chunks
 
 
-mlflow.models.set_model(OnnxGenAIChatModel())
+mlflow.models.set_model(OnnxChatModel())

@@ -93,6 +93,33 @@ class GenAIModel:
         return np.asarray(self._generator(ids, len(ids) + 1).get_logits(), dtype=np.float32).reshape(-1)
 
 
+class OptimumModel:
+    """An optimum ONNX export (the ONNX artifacts of a logged optimum pyfunc), decoded as the pyfunc decodes it."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer
+
+        from hf2mlflow.ort_chat import eos_token_ids, load_ort_model
+
+        self.model = load_ort_model(path)
+        self.eos_ids = eos_token_ids(self.model, AutoTokenizer.from_pretrained(path))
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        from hf2mlflow.ort_chat import generate_tokens, greedy
+
+        tokens = []
+        for token in generate_tokens(self.model, ids, len(ids) + max_new_tokens, greedy):
+            tokens.append(token)
+            if token in self.eos_ids:  # the reference stops at EOS too, and keeps it
+                break
+        return tokens
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        from hf2mlflow.ort_chat import next_token_logits
+
+        return next_token_logits(self.model, ids)
+
+
 def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new_tokens: int,
             with_logits: bool) -> list[PromptParity]:
     results = []

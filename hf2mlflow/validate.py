@@ -75,3 +75,31 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 8) -> Validation
         raise ValueError(f"{model_dir}: the model generated no tokens")
     return ValidationResult(prompt, len(ids), reference == ids, new_tokens, tokenizer.decode(new_tokens),
                             time.perf_counter() - start)
+
+
+def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: int = 8) -> ValidationResult:
+    """The same check for an optimum export, run as the pyfunc runs it (onnxruntime through optimum's
+    ORTModelForCausalLM, on the CPU). Its tokenizer is a copy of the source model's, so
+    `tokenizer_matches_transformers` says whether the copy encodes the prompt as the source tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from hf2mlflow.ort_chat import eos_token_ids, generate_tokens, greedy, load_ort_model
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
+    prompt = tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{model_dir}: the tokenizer encoded the prompt to no tokens")
+    reference = AutoTokenizer.from_pretrained(source_dir)(prompt, add_special_tokens=False)["input_ids"]
+    model = load_ort_model(model_dir)
+    eos = eos_token_ids(model, tokenizer)
+    new_tokens: list[int] = []
+    for token in generate_tokens(model, ids, len(ids) + max_new_tokens, greedy):
+        new_tokens.append(token)
+        if token in eos:
+            break
+    return ValidationResult(prompt, len(ids), reference == ids, new_tokens,
+                            tokenizer.decode(new_tokens, skip_special_tokens=True), time.perf_counter() - start)

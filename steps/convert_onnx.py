@@ -1,4 +1,4 @@
-"""Entry point convert_onnx: a Hugging Face causal LM -> ONNX Runtime GenAI model for one target."""
+"""Entry point convert_onnx: a Hugging Face causal LM -> ONNX for one target (onnxruntime-genai builder or optimum)."""
 
 import sys
 from pathlib import Path

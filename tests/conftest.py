@@ -68,3 +68,27 @@ def logged_transformers(logged):
 def all_runs(tracking_uri: str):
     client = mlflow.MlflowClient(tracking_uri)
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+
+@pytest.fixture(scope="session")
+def logged_fp32(logged):
+    """tiny-phi3 converted to cpu-fp32 by the builder and its registered chat pyfunc, in the store of `logged`."""
+    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+
+    with local_store(logged["root"]):
+        return log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-fp32"))))
+
+
+@pytest.fixture(scope="session")
+def logged_optimum(logged):
+    """tiny-gpt2 (an architecture the onnxruntime-genai builder does not support) exported with optimum to
+    fp32 ONNX for the CPU and its registered chat pyfunc, in the store of `logged`."""
+    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+
+    with local_store(logged["root"]):
+        convert_run_id = convert(ConvertArgs(model="tiny-gpt2", target="cpu-fp32", exporter="optimum"))
+        model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
+    return {**logged, "uri": model_uri, "convert_run_id": convert_run_id}

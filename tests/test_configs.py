@@ -31,7 +31,7 @@ def test_the_required_targets_and_models_are_shipped():
     assert {"cpu-int4", "cpu-int8", "cpu-fp32", "cuda-fp16", "cuda-int4", "dml-int4", "webgpu-int4"} <= set(
         shipped("targets"))
     assert {"phi3-mini-4k-instruct", "phi3-mini-128k-instruct", "phi3.5-mini-instruct", "phi4-mini-instruct",
-            "tiny-phi3", "tiny-qwen2"} <= set(shipped("models"))
+            "tiny-phi3", "tiny-qwen2", "tiny-gpt2"} <= set(shipped("models"))
 
 
 def test_cpu_int4_is_microsofts_published_build():
@@ -98,7 +98,7 @@ def test_missing_target_file():
     ("hub_id: a/b\nbuiltin: tiny-phi3\n", "set exactly one of hub_id, local_path, builtin (got: hub_id, builtin)"),
     ("revision: main\n", "got: none"),
     ("hub_id: not a repo\n", "is not a Hugging Face repo id"),
-    ("builtin: tiny-gpt9\n", "'tiny-phi3' or 'tiny-qwen2'"),
+    ("builtin: tiny-gpt9\n", "'tiny-phi3', 'tiny-qwen2' or 'tiny-gpt2'"),
     ("hub_id: a/b\ntrust_remote_code: maybe\n", "key 'trust_remote_code'"),
 ])
 def test_bad_model_config(tmp_path, text, expected):

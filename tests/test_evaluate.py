@@ -14,14 +14,11 @@ LIMIT = 4
 
 
 @pytest.fixture(scope="module")
-def evaluation(logged, logged_transformers):
+def evaluation(logged, logged_fp32, logged_transformers):
     """cpu-int4 and cpu-fp32 ONNX pyfuncs and the fp32 transformers model of tiny-phi3, evaluated in one run."""
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
-
     with local_store(logged["root"]):
-        fp32 = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-fp32"))))
-        run_id = evaluate(EvaluateArgs(models=",".join([logged["uri"], fp32, logged_transformers]), limit=LIMIT))
+        run_id = evaluate(EvaluateArgs(models=",".join([logged["uri"], logged_fp32, logged_transformers]),
+                                       limit=LIMIT))
         yield mlflow.get_run(run_id)
 
 

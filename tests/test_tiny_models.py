@@ -20,6 +20,8 @@ def test_builds_are_byte_identical(tmp_path):
      "<|system|>\nBe brief.<|end|>\n<|user|>\nHello, wörld!<|end|>\n<|assistant|>\n"),
     ("tiny-qwen2", "Qwen2ForCausalLM",
      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello, wörld!<|im_end|>\n<|im_start|>assistant\n"),
+    ("tiny-gpt2", "GPT2LMHeadModel",
+     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello, wörld!<|im_end|>\n<|im_start|>assistant\n"),
 ])
 def test_tiny_model_chats_with_its_familys_template(name, architecture, prompt):
     path = tiny_model_path(name)
