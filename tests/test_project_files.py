@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.batch_infer import BatchInferArgs
 from hf2mlflow.convert import ConvertArgs
 from hf2mlflow.log_pyfunc import LogPyfuncArgs
 from hf2mlflow.log_transformers import LogTransformersArgs
@@ -54,7 +55,8 @@ def test_conda_lock_reads_conda_yaml_for_three_platforms(tmp_path):
 
 
 @pytest.mark.parametrize("entry_point, args_class", [("convert_onnx", ConvertArgs), ("log_pyfunc", LogPyfuncArgs),
-                                                     ("log_transformers", LogTransformersArgs)])
+                                                     ("log_transformers", LogTransformersArgs),
+                                                     ("batch_infer", BatchInferArgs)])
 def test_mlproject_uses_conda_yaml_and_step_arguments(entry_point, args_class):
     assert MLPROJECT["conda_env"] == "conda.yaml"
     entry = MLPROJECT["entry_points"][entry_point]
