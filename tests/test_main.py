@@ -1,0 +1,253 @@
+"""main: the whole chain through `mlflow run`, against real tracking servers (SQLite, PostgreSQL) and from a
+git URL served by a real `git daemon`, with reuse, invalidation and failure handling."""
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from hf2mlflow import PROJECT_ROOT
+from test_serve import free_port
+
+STEPS = ["convert_onnx", "log_pyfunc", "log_transformers", "evaluate"]
+
+
+def _wait(url: str, proc, log: Path, seconds: int = 120):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def process(command, log: Path, **kwargs):
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+@contextlib.contextmanager
+def tracking_server(backend_uri: str, root: Path):
+    """`mlflow server` on 127.0.0.1 with the given backend store and artifacts served from `root`."""
+    port = free_port()
+    command = ["mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with process(command, root / "server.log") as proc:
+        _wait(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+        yield f"http://127.0.0.1:{port}"
+
+
+def run_project(tracking_uri: str, *params, uri, version=None, extra_env=None):
+    command = ["mlflow", "run", uri, "--env-manager", "local", "--experiment-name", "chain"]
+    command += ["--version", version] if version else []
+    given = {p.split("=")[0] for p in params}
+    for p in [*params] + ([] if "eval_limit" in given else ["eval_limit=1"]):
+        command += ["-P", p]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    return proc, time.perf_counter() - start
+
+
+def last_chain(tracking_uri: str):
+    """The newest main run and its chain summary: {step: (run_id, reused)}."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("chain")
+    (main,) = client.search_runs([experiment.experiment_id], "tags.step = 'main'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if main.info.status != "FINISHED":
+        return main, {}
+    path = client.download_artifacts(main.info.run_id, "chain.json", tempfile.mkdtemp())
+    steps = json.loads(Path(path).read_text())["steps"]
+    return main, {s["entry_point"]: (s["run_id"], s["reused"]) for s in steps}
+
+
+def test_chain_reuse_invalidation_and_failure_on_a_tracking_server(tmp_path, snapshot):
+    run_main = functools.partial(run_project, uri=str(snapshot[0]))
+    with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as uri:
+        client = mlflow.MlflowClient(uri)
+
+        first, first_seconds = run_main(uri)
+        assert first.returncode == 0, first.stderr[-3000:]
+        main, chain = last_chain(uri)
+        assert list(chain) == STEPS and not any(reused for _, reused in chain.values())
+        for step, (run_id, _) in chain.items():
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == main.info.run_id
+            assert run.data.tags["mlflow.project.entryPoint"] == step and run.data.tags["cache_key"]
+        assert client.get_run(chain["log_pyfunc"][0]).data.tags["upstream.convert_onnx"] == chain["convert_onnx"][0]
+        assert {m.name for m in client.search_registered_models()} == {
+            "tiny-phi3-cpu-int4-onnx", "tiny-phi3-cpu-fp32-transformers"}
+        assert "models:/tiny-phi3-cpu-int4-onnx@candidate" in first.stdout  # the printed chain
+
+        second, second_seconds = run_main(uri)
+        assert second.returncode == 0, second.stderr[-3000:]
+        print(f"\nfirst invocation {first_seconds:.1f} s, identical second invocation {second_seconds:.1f} s")
+        _, again = last_chain(uri)
+        assert again == {step: (run_id, True) for step, (run_id, _) in chain.items()}
+        assert second_seconds < first_seconds / 3
+
+        # Another ONNX target: conversion and everything downstream of it run again; the transformers
+        # model reads nothing that changed, so it is reused.
+        third, _ = run_main(uri, "target=cpu-fp32")
+        assert third.returncode == 0, third.stderr[-3000:]
+        _, changed = last_chain(uri)
+        assert {s: reused for s, (_, reused) in changed.items()} == {
+            "convert_onnx": False, "log_pyfunc": False, "log_transformers": True, "evaluate": False}
+        assert changed["log_transformers"][0] == chain["log_transformers"][0]
+
+        # A failing step fails main with the step's run ID; nothing after it runs; the failed run is not reused.
+        failed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", extra_env={"HF2MLFLOW_FAIL_STEP": "evaluate"})
+        assert failed.returncode != 0
+        main, _ = last_chain(uri)
+        assert main.info.status == "FAILED" and "step evaluate failed in run" in main.data.tags["error"]
+        failed_run = main.data.tags["error"].split("failed in run ")[1].split(":")[0]
+        assert client.get_run(failed_run).info.status == "FAILED"
+
+        fixed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2")
+        assert fixed.returncode == 0, fixed.stderr[-3000:]
+        _, rerun = last_chain(uri)
+        assert [s for s, (_, reused) in rerun.items() if not reused] == ["evaluate"]
+        assert rerun["evaluate"][0] != failed_run
+
+        # rerun_from: that step and the ones after it run again, the ones before are reused.
+        forced, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", "rerun_from=log_transformers")
+        assert forced.returncode == 0, forced.stderr[-3000:]
+        _, partly = last_chain(uri)
+        assert [s for s, (_, reused) in partly.items() if not reused] == ["log_transformers", "evaluate"]
+
+
+def test_bad_parameters_fail_before_any_step(tmp_path):
+    run_main = functools.partial(run_project, uri=str(PROJECT_ROOT))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc, _ = run_main(uri, "rerun_from=convert")
+    assert proc.returncode != 0 and "rerun_from 'convert' is not a step; allowed: convert_onnx" in proc.stderr
+    proc, _ = run_main(uri, "target=cpu-fp33")
+    assert "unknown target 'cpu-fp33'" in proc.stderr
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("chain")
+                                                 .experiment_id])
+    assert [r.data.tags.get("step") for r in runs] == [None, None]  # only main's own runs, both FAILED
+    assert {r.info.status for r in runs} == {"FAILED"}
+
+
+def _postgres(root: Path):
+    """A throwaway PostgreSQL cluster on 127.0.0.1, as the postgres user when we are root; None if not installed."""
+    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if initdb is None:
+        return None
+    bin_dir = Path(initdb).resolve().parent  # /usr/local/bin may hold links to some of the tools only
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "postgres", "-A", "trust"],
+                   check=True, capture_output=True)
+    return bin_dir, as_user, data
+
+
+@contextlib.contextmanager
+def postgres_server(root: Path):
+    found = _postgres(root)
+    if found is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    bin_dir, as_user, data = found
+    port = free_port()
+    command = as_user + [str(bin_dir / "postgres"), "-D", str(data / "db"), "-p", str(port), "-k", str(data),
+                         "-c", "listen_addresses=127.0.0.1"]
+    try:
+        with process(command, root / "postgres.log"):
+            deadline = time.time() + 60
+            while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                                 capture_output=True).returncode != 0:
+                assert time.time() < deadline, (root / "postgres.log").read_text()
+                time.sleep(0.5)
+            subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                            "mlflow"], check=True)
+            yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """The project as it is now (committed or not) as one clean commit: other edits to the working tree
+    while the tests run cannot change its code version."""
+    work = tmp_path_factory.mktemp("snapshot") / "hf2mlflow"
+    subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(work)], check=True)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_ROOT / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, work / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1"]
+    subprocess.run(git + ["add", "-A"], cwd=work, check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "working tree under test"], cwd=work, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
+    return work, sha
+
+
+@contextlib.contextmanager
+def git_daemon(tmp_path: Path, snapshot):
+    """The snapshot's repository served by `git daemon` on 127.0.0.1."""
+    work, sha = snapshot
+    served = tmp_path / "served"
+    served.mkdir()
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(served / "hf2mlflow.git")], check=True)
+    subprocess.run(["git", "config", "uploadpack.allowAnySHA1InWant", "true"], cwd=served / "hf2mlflow.git",
+                   check=True)
+    port = free_port()
+    command = ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={served}", "--listen=127.0.0.1",
+               f"--port={port}", str(served)]
+    with process(command, tmp_path / "git-daemon.log") as proc:
+        deadline = time.time() + 30
+        while subprocess.run(["git", "ls-remote", f"git://127.0.0.1:{port}/hf2mlflow.git"],
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "git-daemon.log").read_text()
+            time.sleep(0.3)
+        yield f"git://127.0.0.1:{port}/hf2mlflow.git", sha
+
+
+def test_git_url_run_on_a_postgresql_tracking_server(tmp_path, snapshot):
+    run_main = run_project
+    with postgres_server(tmp_path) as backend, tracking_server(backend, tmp_path) as uri, \
+            git_daemon(tmp_path, snapshot) as (repo, sha):
+        first, first_seconds = run_main(uri, uri=repo, version=sha)
+        assert first.returncode == 0, first.stderr[-3000:]
+        main, chain = last_chain(uri)
+        client = mlflow.MlflowClient(uri)
+        assert main.data.tags["mlflow.source.git.commit"] == sha
+        for run_id, reused in chain.values():
+            assert not reused and client.get_run(run_id).data.tags["mlflow.source.git.commit"] == sha
+            assert client.get_run(run_id).data.tags["code_version"] == sha  # a clean checkout: the commit
+
+        second, second_seconds = run_main(uri, uri=repo, version=sha)
+        assert second.returncode == 0, second.stderr[-3000:]
+        print(f"\ngit URL on PostgreSQL: first {first_seconds:.1f} s, second {second_seconds:.1f} s")
+        _, again = last_chain(uri)
+        assert again == {step: (run_id, True) for step, (run_id, _) in chain.items()}
