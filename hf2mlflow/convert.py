@@ -6,6 +6,7 @@ exporter (plain ONNX with a KV cache, served with onnxruntime) for architectures
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from hf2mlflow.config import load_model, load_target
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.genai_builder import builder_version, check_architecture, run_builder
 from hf2mlflow.manifest import build_manifest
+from hf2mlflow.memory_plan import BUILDER_MEMORY_MODES, GIB, checkpoint_size, plan
 from hf2mlflow.sources import resolve_model, source_params
 from hf2mlflow.tiny_models import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
@@ -42,11 +44,24 @@ class ConvertArgs:
     exporter: str = field(default="", metadata={
         "help": "genai-builder (onnxruntime-genai's model builder) or optimum (optimum's ONNX export, served with "
                 "onnxruntime: architectures the builder does not support); default: the target's, else genai-builder"})
+    builder_memory: str = field(default="auto", metadata={
+        "help": "genai-builder path: standard (the builder as it is), low (checkpoint dtype, quantized node by "
+                "node: a fraction of the memory, the same model), or auto (standard when its estimate fits the "
+                "memory budget, else low)"})
+    memory_budget_gib: float = field(default=0.0, metadata={
+        "help": "memory the conversion may use, in GiB; 0: the memory available when it starts. A conversion "
+                "whose estimate exceeds it stops before building, saying what it needs"})
 
 
 def convert(args: ConvertArgs) -> str:
     """Convert, validate and log; returns the run ID. Config errors raise before any run starts."""
     target = load_target(args.target).with_exporter(args.exporter)
+    if args.builder_memory not in BUILDER_MEMORY_MODES:
+        raise ConfigError(f"builder_memory '{args.builder_memory}' is not allowed; allowed: "
+                          f"{', '.join(BUILDER_MEMORY_MODES)}")
+    if args.memory_budget_gib < 0:
+        raise ConfigError(f"memory_budget_gib must be 0 (the memory available) or positive, got "
+                          f"{args.memory_budget_gib}")
     spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
     # Both routes of one model and target can sit side by side in the UI.
     suffix = "-optimum" if target.exporter == "optimum" else ""
@@ -56,22 +71,29 @@ def convert(args: ConvertArgs) -> str:
             "artifact_format": ARTIFACT_FORMAT[target.exporter]}
     params = {"model": args.model, "target": args.target, "output_name": args.output_name,
               "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir,
-              "exporter": args.exporter}
+              "exporter": args.exporter, "builder_memory": args.builder_memory,
+              "memory_budget_gib": args.memory_budget_gib}
     with step_run(STEP, output_name, tags, params) as run:
         if target.exporter == "optimum":
             _export_optimum_in_run(spec, target, args.cache_dir)
         else:
-            _convert_in_run(spec, target, args.cache_dir)
+            _convert_in_run(spec, target, args.cache_dir, args.builder_memory, args.memory_budget_gib)
     print_run_summary(STEP, run, {"ONNX model": f"runs:/{run.info.run_id}/{ONNX_ARTIFACT_PATH}",
                                   "artifact location": f"{run.info.artifact_uri}/{ONNX_ARTIFACT_PATH}",
                                   "next": f"mlflow run . -e log_pyfunc -P convert_run_id={run.info.run_id}"})
     return run.info.run_id
 
 
-def _convert_in_run(spec, target, cache_dir: str) -> None:
+def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_budget_gib: float) -> None:
     print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
     resolved = resolve_model(spec, cache_dir)
     check_architecture(resolved.architecture, spec.name)
+    memory = plan(checkpoint_size(resolved.path), target.precision, builder_memory, memory_budget_gib)
+    log_params_once(memory.params())
+    mlflow.log_metrics(memory.metrics())
+    print(f"[{STEP}] memory: {memory.path} builder, estimated peak {memory.estimated_bytes / GIB:.1f} GiB "
+          f"(standard {memory.standard_bytes / GIB:.1f}, low {memory.low_bytes / GIB:.1f}) within a budget of "
+          f"{memory.budget_bytes / GIB:.1f} GiB")
     log_params_once({
         **source_params(resolved),
         "execution_provider": target.execution_provider,
@@ -79,13 +101,12 @@ def _convert_in_run(spec, target, cache_dir: str) -> None:
         "builder_version": builder_version(),
         **{f"builder_option.{k}": v for k, v in target.builder_options.model_dump(exclude_none=True).items()},
     })
-    work_root = home() / "work"
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{STEP}-", dir=work_root) as work:
-        out = Path(work) / "onnx"
+    with _work_dir() as work:
+        out = work / "onnx"
         print(f"[{STEP}] 2/4 building {target.precision} ONNX for {target.execution_provider} "
               f"with onnxruntime-genai {builder_version()}")
-        build = run_builder(resolved.path, out, Path(work) / "builder-cache", target, spec.trust_remote_code)
+        build = run_builder(resolved.path, out, work / "builder-cache", target, spec.trust_remote_code,
+                            low_memory=memory.path == "low")
         mlflow.log_metrics({"conversion_seconds": build.seconds, "builder_peak_rss_bytes": build.peak_rss_bytes})
         print(f"[{STEP}] built in {build.seconds:.1f} s, builder peak RSS {build.peak_rss_bytes / 2**20:.0f} MiB")
 
@@ -118,10 +139,8 @@ def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
         "export_task": TASK,
         **versions,
     })
-    work_root = home() / "work"
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"{STEP}-", dir=work_root) as work:
-        out = Path(work) / "onnx"
+    with _work_dir() as work:
+        out = work / "onnx"
         print(f"[{STEP}] 2/4 exporting {target.precision} ONNX ({TASK}) with optimum {versions['optimum_version']} "
               f"/ optimum-onnx {versions['optimum_onnx_version']}")
         export = run_export(resolved.path, out, target.precision, spec.trust_remote_code)
@@ -133,6 +152,15 @@ def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
         _log_validation(validate_optimum_model(out, resolved.path))
         _log_model_folder(out, context_length(AutoConfig.from_pretrained(out,
                                                                          trust_remote_code=spec.trust_remote_code)))
+
+
+@contextlib.contextmanager
+def _work_dir():
+    """A scratch folder beside the built-in models (the same disk as the cache), removed afterwards."""
+    root = home() / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STEP}-", dir=root) as work:
+        yield Path(work)
 
 
 def _log_validation(check) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.config import Target
 from hf2mlflow.errors import StepError
 
@@ -60,9 +61,12 @@ class BuildResult:
     command: list[str]
 
 
-def builder_command(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool) -> list[str]:
+def builder_command(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool,
+                    low_memory: bool = False) -> list[str]:
     options = target.builder_options.as_cli() + [f"hf_remote={'true' if trust_remote_code else 'false'}"]
-    return [sys.executable, "-u", "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(output),
+    # The low-memory path takes the builder's own arguments (hf2mlflow/lowmem_builder.py).
+    module = "hf2mlflow.lowmem_builder" if low_memory else "onnxruntime_genai.models.builder"
+    return [sys.executable, "-u", "-m", module, "-i", str(source), "-o", str(output),
             "-p", target.precision, "-e", target.execution_provider, "-c", str(cache),
             "--extra_options", *options]
 
@@ -73,8 +77,8 @@ def _peak_rss_bytes(rusage) -> int:
 
 
 def run_builder(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool = False,
-                log=print) -> BuildResult:
-    command = builder_command(source, output, cache, target, trust_remote_code)
+                low_memory: bool = False, log=print) -> BuildResult:
+    command = builder_command(source, output, cache, target, trust_remote_code, low_memory)
     return run_tool(command, output, REQUIRED_OUTPUTS, "the model builder", "builder", log)
 
 
@@ -85,7 +89,9 @@ def run_tool(command: list[str], output: Path, required_outputs: tuple[str, ...]
     log(f"[{prefix}] {' '.join(command[2:])}")
     tail: collections.deque[str] = collections.deque(maxlen=40)
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # This project's package importable in the child too (a `mlflow run` of a git clone does not install it).
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             errors="replace")
     for line in proc.stdout:
