@@ -7,9 +7,14 @@ import time
 
 
 def _ttft_streaming(model, request) -> float:
+    """Seconds to the first chunk that carries text (or ends the answer): the first chunk, which only names
+    the assistant role, comes before any token is generated."""
     start = time.perf_counter()
     chunks = model.predict_stream(request)
-    next(iter(chunks))
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        if choice["delta"].get("content") or choice.get("finish_reason"):
+            break
     elapsed = time.perf_counter() - start
     chunks.close()  # stops the generation
     return elapsed
@@ -23,7 +28,7 @@ def _ttft_one_token(model, request) -> float:
 
 def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
     """Load the model from a local folder, warm it up, then per request: the answer, end-to-end latency and
-    time to first token (first streamed chunk where the model streams, else a max_tokens=1 request)."""
+    time to first token (first streamed chunk with text where the model streams, else a max_tokens=1 request)."""
     import mlflow
     from tqdm import tqdm
 
@@ -35,7 +40,7 @@ def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
     model.predict(warm_up)
     try:
         _ttft_streaming(model, warm_up)
-        ttft, ttft_method = _ttft_streaming, "first streamed chunk"
+        ttft, ttft_method = _ttft_streaming, "first streamed chunk with text"
     except Exception:  # MLflow raises when a flavor has no predict_stream
         ttft, ttft_method = _ttft_one_token, "max_tokens=1 request"
 

@@ -1,8 +1,17 @@
 import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
+
+from hf2mlflow import PROJECT_ROOT
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -92,3 +101,78 @@ def logged_optimum(logged):
         convert_run_id = convert(ConvertArgs(model="tiny-gpt2", target="cpu-fp32", exporter="optimum"))
         model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
     return {**logged, "uri": model_uri, "convert_run_id": convert_run_id}
+
+
+@contextlib.contextmanager
+def pickle_free_model(root, uri):
+    """The model at `uri` from the store in `root`, loaded with pickle deserialization off: nothing in it may be
+    pickled."""
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    try:
+        with local_store(root):
+            yield mlflow.pyfunc.load_model(uri)
+    finally:
+        os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+
+
+def ask(model, **request):
+    (response,) = model.predict({"messages": HELLO, **request})
+    return response
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process(command, log: Path, **kwargs):
+    """`command` in its own process group, output to `log`; stopped (SIGTERM, then SIGKILL) on the way out."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def wait_for_http(url: str, proc, log: Path, seconds: int = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def tracking_server(backend_uri: str, root: Path):
+    """`mlflow server` on 127.0.0.1 with the given backend store and artifacts served from `root`."""
+    port = free_port()
+    command = ["mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with process(command, root / "server.log") as proc:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+        yield f"http://127.0.0.1:{port}"
+
+
+def copy_working_tree(destination: Path) -> Path:
+    """What a clone would hold plus the uncommitted work under test (tracked and untracked, not ignored)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, destination / name)
+    return destination

@@ -7,11 +7,8 @@ This proves what MLflow sends and that the project runs from what it uploads; it
 
 import json
 import os
-import shutil
 import subprocess
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -20,7 +17,7 @@ import pytest
 from databricks_emulator import MLFLOW_BACKEND_KEYS, BadRequest, Workspace, check_submit
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.databricks import python_libraries, write_spark_job_project
-from test_serve import free_port
+from conftest import copy_working_tree, tracking_server as mlflow_server
 
 TOKEN = "dapi-emulated-token"
 CPU_SPEC = PROJECT_ROOT / "configs" / "databricks" / "cpu.json"
@@ -30,38 +27,15 @@ STEP = ["-e", "convert_onnx", "-P", "model=tiny-phi3", "-P", "target=cpu-int4"]
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-    log.close()
+    with mlflow_server(f"sqlite:///{root}/mlflow.db", root) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """What a clone would hold, plus the uncommitted work under test (no .git, no local stores)."""
     work = tmp_path_factory.mktemp("project") / "hf2mlflow"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (PROJECT_ROOT / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, work / name)
-    return work
+    return copy_working_tree(work)
 
 
 def mlflow_run_databricks(project_uri, host, tracking_uri, experiment, *args, backend_config=str(CPU_SPEC)):

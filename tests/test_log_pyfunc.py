@@ -1,5 +1,4 @@
 import concurrent.futures
-import os
 from pathlib import Path
 
 import mlflow
@@ -7,19 +6,15 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import HELLO, all_runs, local_store
+from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
 
 
 @pytest.fixture(scope="module")
 def model(logged):
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # nothing in the model may be pickled
-    try:
-        with local_store(logged["root"]):
-            yield mlflow.pyfunc.load_model(logged["uri"])
-    finally:
-        os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+    with pickle_free_model(logged["root"], logged["uri"]) as loaded:
+        yield loaded
 
 
 @pytest.fixture
@@ -27,11 +22,6 @@ def in_store(logged):
     """Point MLflow at the shared store, for tests that read or write its registry."""
     with local_store(logged["root"]):
         yield
-
-
-def ask(model, **request):
-    (response,) = model.predict({"messages": HELLO, **request})
-    return response
 
 
 @pytest.mark.usefixtures("in_store")

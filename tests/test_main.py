@@ -6,60 +6,18 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from hf2mlflow import PROJECT_ROOT
-from test_serve import free_port
+from conftest import copy_working_tree, free_port, process, tracking_server
 
 STEPS = ["convert_onnx", "log_pyfunc", "log_transformers", "evaluate"]
-
-
-def _wait(url: str, proc, log: Path, seconds: int = 120):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def process(command, log: Path, **kwargs):
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
-
-@contextlib.contextmanager
-def tracking_server(backend_uri: str, root: Path):
-    """`mlflow server` on 127.0.0.1 with the given backend store and artifacts served from `root`."""
-    port = free_port()
-    command = ["mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
-               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    with process(command, root / "server.log") as proc:
-        _wait(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
-        yield f"http://127.0.0.1:{port}"
 
 
 def run_project(tracking_uri: str, *params, uri, version=None, extra_env=None):
@@ -199,12 +157,7 @@ def snapshot(tmp_path_factory):
     while the tests run cannot change its code version."""
     work = tmp_path_factory.mktemp("snapshot") / "hf2mlflow"
     subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(work)], check=True)
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT_ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (PROJECT_ROOT / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, work / name)
+    copy_working_tree(work)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1"]
     subprocess.run(git + ["add", "-A"], cwd=work, check=True)
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "working tree under test"], cwd=work, check=True)

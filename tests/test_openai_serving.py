@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from test_serve import free_port
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Hello there"}]

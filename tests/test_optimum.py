@@ -2,7 +2,6 @@
 steps (convert_onnx -P exporter=optimum, log_pyfunc, evaluate) and behind the same chat interface."""
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import HELLO, all_runs, local_store
+from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.config import load_target
 from hf2mlflow.convert import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
@@ -21,23 +20,14 @@ from hf2mlflow.optimum_export import check_precision
 
 @pytest.fixture(scope="module")
 def model(logged_optimum):
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # nothing in the model may be pickled
-    try:
-        with local_store(logged_optimum["root"]):
-            yield mlflow.pyfunc.load_model(logged_optimum["uri"])
-    finally:
-        os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", None)
+    with pickle_free_model(logged_optimum["root"], logged_optimum["uri"]) as loaded:
+        yield loaded
 
 
 @pytest.fixture
 def in_store(logged_optimum):
     with local_store(logged_optimum["root"]):
         yield
-
-
-def ask(model, **request):
-    (response,) = model.predict({"messages": HELLO, **request})
-    return response
 
 
 @pytest.mark.usefixtures("in_store")

@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -12,13 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import HELLO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import HELLO, free_port
 
 
 def post(url, body):
