@@ -15,6 +15,10 @@ ROLES = ("system", "user", "assistant")
 REQUEST_KEYS = ("messages", "temperature", "top_p", "top_k", "max_tokens", "stop", "n", "stream", "seed",
                 "custom_inputs", "frequency_penalty", "presence_penalty")
 MAX_N = 8
+# Bounds on what one request may ask the model to read: the context length bounds the tokens, these bound the
+# work of getting there (templating and tokenizing a huge body) before that check can run.
+MAX_MESSAGES = 256
+MAX_CONTENT_CHARS = 1_000_000
 
 
 class ChatRequestError(ValueError):
@@ -66,8 +70,11 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
         raise ChatRequestError("'messages' is required: a non-empty list of {role, content} objects")
     if not isinstance(messages, (list, tuple)) and not hasattr(messages, "tolist"):
         raise ChatRequestError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    messages = list(messages)
+    if len(messages) > MAX_MESSAGES:
+        raise ChatRequestError(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
     clean = []
-    for i, message in enumerate(list(messages)):
+    for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ChatRequestError(f"messages[{i}] must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
@@ -76,6 +83,9 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
         if not isinstance(content, str) or not content:
             raise ChatRequestError(f"messages[{i}].content must be a non-empty string, got {content!r}")
         clean.append({"role": role, "content": content})
+    size = sum(len(m["content"]) for m in clean)
+    if size > MAX_CONTENT_CHARS:
+        raise ChatRequestError(f"the messages hold {size} characters; at most {MAX_CONTENT_CHARS} are allowed")
     for key in ("frequency_penalty", "presence_penalty"):
         if not _missing(body.get(key)) and body[key] != 0:
             raise ChatRequestError(f"'{key}' is not supported by this model; leave it out or set 0")
@@ -89,7 +99,11 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
     stop = body.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
-    stop = tuple(stop.tolist() if hasattr(stop, "tolist") else stop)
+    if hasattr(stop, "tolist"):  # a numpy array, as MLflow's input conversion may hand it over
+        stop = stop.tolist()
+    if not isinstance(stop, (list, tuple)):
+        raise ChatRequestError(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
+    stop = tuple(stop)
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ChatRequestError(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
     stream = body.get("stream", False)
