@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. VmHWM starts afresh at exec; ru_maxrss does not: after fork and exec it
+    still holds the parent's size at the fork, so a small child would report its parent's footprint."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _ttft_streaming(model, request) -> float:
@@ -55,4 +70,4 @@ def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
                      "completion_tokens": answer["usage"]["completion_tokens"],
                      "latency_s": latency, "ttft_s": ttft(model, request)})
     return {"load_seconds": load_seconds, "ttft_method": ttft_method, "rows": rows,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss_bytes()}

@@ -72,7 +72,9 @@ def builder_command(source: Path, output: Path, cache: Path, target: Target, tru
 
 
 def _peak_rss_bytes(rusage) -> int:
-    # ru_maxrss is in kilobytes on Linux and bytes on macOS.
+    # ru_maxrss is in kilobytes on Linux and bytes on macOS. Linux carries the forking process's size across
+    # exec into it, so this is the larger of the child's own peak and this process's size when it started the
+    # child: exact for any conversion bigger than the step itself (a few hundred MiB), a floor below that.
     return rusage.ru_maxrss if sys.platform == "darwin" else rusage.ru_maxrss * 1024
 
 

@@ -34,3 +34,32 @@ def test_convert_memory_quick(tmp_path):
     for path in results["paths"].values():
         assert path["peak_rss_bytes"] > 100 * 2**20 and path["seconds_median"] > 0 and path["output_bytes"] > 0
     assert "| standard |" in proc.stdout and "| low |" in proc.stdout and "low / standard: peak" in proc.stdout
+
+
+def test_suite_quick(tmp_path):
+    import mlflow
+
+    out, store = tmp_path / "suite", f"sqlite:///{tmp_path}/bench.db"
+    proc = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--output_dir", str(out)],
+                          cwd=PROJECT_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=store),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "suite.json").read_text())
+    assert set(results["speed"]) == {"onnx-int4", "onnx-int8", "onnx-fp32", "genai-int4 (bare)", "transformers-fp32"}
+    for figures in results["speed"].values():
+        assert figures["decode_tps"]["median"] > 0 and figures["ttft_ms"]["median"] > 0
+        assert 0 < figures["peak_rss_gib"]["median"] < 8
+    assert results["parity"]["onnx-fp32"]["parity_identical_rate"] == 1.0  # fp32 ONNX = PyTorch, greedy
+    assert all(s["errors"] == 0 and s["requests_per_s"] > 0 for s in results["served"].values())
+    assert [p["prompt_tokens"] for p in results["prompt_lengths"].values()] == sorted(
+        p["prompt_tokens"] for p in results["prompt_lengths"].values())
+    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "suite.md").read_text()
+    assert "| pyfunc / bare onnxruntime-genai loop, decode |" in table and table in proc.stdout
+
+    (run,) = mlflow.MlflowClient(store).search_runs(
+        [mlflow.MlflowClient(store).get_experiment_by_name("benchmarks").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["version.mlflow"] == mlflow.__version__
+    assert run.data.metrics["onnx-int4.decode_tps"] == results["speed"]["onnx-int4"]["decode_tps"]["median"]
+    assert {a.path for a in mlflow.MlflowClient(store).list_artifacts(run.info.run_id)} == {
+        "suite.md", "suite.json", "suite.png"}
