@@ -127,7 +127,11 @@ def quantize_node_by_node(builder, standard_to_nbits) -> ir.Model:
             algo_config=q["algo_config"],
         )
         quantizer.process()
-        _splice(graph, model, node, quantizer.model.model)
+        result = quantizer.model.model
+        # A node the quantizer leaves as it is (a shape it does not take) stays as the builder made it.
+        if [(n.op_type, n.domain) for n in result.graph.node] != [(node.op_type, node.domain)]:
+            _splice(graph, model, node, result)
+        del result
         del node, quantizer
         gc.collect()  # the mini graph is full of reference cycles: free its float weight now, not in 16 nodes
         if done % 16 == 0 or done == total:
