@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
+from hf2mlflow.manifest import folder_bytes  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
@@ -165,10 +166,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def prepare_models(source: Path, work: Path, bf16: bool) -> dict:

@@ -16,10 +16,9 @@ from pathlib import Path
 import mlflow
 
 from hf2mlflow.config import load_model, load_target
-from hf2mlflow.errors import ConfigError
 from hf2mlflow.genai_builder import builder_version, check_architecture, run_builder
 from hf2mlflow.manifest import build_manifest
-from hf2mlflow.memory_plan import BUILDER_MEMORY_MODES, GIB, checkpoint_size, plan
+from hf2mlflow.memory_plan import GIB, check_options, checkpoint_size, plan
 from hf2mlflow.sources import resolve_model, source_params
 from hf2mlflow.tiny_models import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
@@ -56,12 +55,7 @@ class ConvertArgs:
 def convert(args: ConvertArgs) -> str:
     """Convert, validate and log; returns the run ID. Config errors raise before any run starts."""
     target = load_target(args.target).with_exporter(args.exporter)
-    if args.builder_memory not in BUILDER_MEMORY_MODES:
-        raise ConfigError(f"builder_memory '{args.builder_memory}' is not allowed; allowed: "
-                          f"{', '.join(BUILDER_MEMORY_MODES)}")
-    if args.memory_budget_gib < 0:
-        raise ConfigError(f"memory_budget_gib must be 0 (the memory available) or positive, got "
-                          f"{args.memory_budget_gib}")
+    check_options(args.builder_memory, args.memory_budget_gib)
     spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
     # Both routes of one model and target can sit side by side in the UI.
     suffix = "-optimum" if target.exporter == "optimum" else ""

@@ -17,6 +17,7 @@ import pandas as pd
 from hf2mlflow.eval_data import Example, load_dataset
 from hf2mlflow.eval_models import EvalModel, resolve_all
 from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.manifest import folder_bytes
 from hf2mlflow.scoring import genai_scorers
 from hf2mlflow.tracking import print_run_summary, step_run
 
@@ -36,10 +37,6 @@ class EvaluateArgs:
     limit: int = field(default=0, metadata={"help": "evaluate only the first N examples; 0: all"})
     parity: bool = field(default=True, metadata={
         "help": "compare greedy tokens (and fp32/fp16 logits) with the source Hugging Face model in PyTorch"})
-
-
-def _sizes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
@@ -105,7 +102,7 @@ def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, 
         "latency_s_p50": float(np.percentile(rows["latency_s"], 50)),
         "latency_s_p95": float(np.percentile(rows["latency_s"], 95)),
         "load_s": speed["load_seconds"], "peak_rss_mib": speed["peak_rss_bytes"] / 2**20,
-        "size_mib": _sizes(model_dir) / 2**20, "ttft_method": speed["ttft_method"], "flag": "",
+        "size_mib": folder_bytes(model_dir) / 2**20, "ttft_method": speed["ttft_method"], "flag": "",
     }
     if parity:
         from hf2mlflow.parity import summarize

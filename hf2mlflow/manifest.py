@@ -20,6 +20,11 @@ def build_manifest(folder: Path) -> dict:
     return {"files": files, "total_bytes": sum(f["bytes"] for f in files.values())}
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 def verify_manifest(folder: Path, manifest: dict) -> list[str]:
     """Files that are missing or whose content differs; empty when the folder matches."""
     problems = []

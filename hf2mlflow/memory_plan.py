@@ -102,10 +102,17 @@ def estimate(size: CheckpointSize, precision: str) -> tuple[int, int]:
     return int(standard), int(low)
 
 
-def plan(size: CheckpointSize, precision: str, mode: str, budget_gib: float) -> MemoryPlan:
-    """Pick the builder path for `mode` within the budget (0: the memory available now), or say what it needs."""
+def check_options(mode: str, budget_gib: float) -> None:
+    """The step's memory options, checked before any run starts."""
     if mode not in BUILDER_MEMORY_MODES:
         raise ConfigError(f"builder_memory '{mode}' is not allowed; allowed: {', '.join(BUILDER_MEMORY_MODES)}")
+    if budget_gib < 0:
+        raise ConfigError(f"memory_budget_gib must be 0 (the memory available) or positive, got {budget_gib}")
+
+
+def plan(size: CheckpointSize, precision: str, mode: str, budget_gib: float) -> MemoryPlan:
+    """Pick the builder path for `mode` (checked by check_options) within the budget (0: the memory available
+    now), or say what it needs."""
     available = psutil.virtual_memory().available
     budget = int(budget_gib * GIB) if budget_gib > 0 else available
     standard, low = estimate(size, precision)
