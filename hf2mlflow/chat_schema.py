@@ -82,6 +82,12 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
             raise ChatRequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str) or not content:
             raise ChatRequestError(f"messages[{i}].content must be a non-empty string, got {content!r}")
+        # A lone surrogate (a JSON escape or bytes can carry one) is no text a tokenizer can take.
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ChatRequestError(f"messages[{i}].content is not valid Unicode: a lone surrogate at character "
+                                   f"{exc.start}; send UTF-8 text (beyond U+FFFF: a surrogate pair)") from None
         clean.append({"role": role, "content": content})
     size = sum(len(m["content"]) for m in clean)
     if size > MAX_CONTENT_CHARS:

@@ -269,7 +269,8 @@ def _find(kind: str, name_or_path: str) -> Optional[Path]:
     candidate = Path(os.path.expanduser(name_or_path))
     if candidate.suffix in (".yaml", ".yml"):
         if not candidate.is_file():
-            raise ConfigError(f"{kind[:-1]} config file not found: {candidate}")
+            raise ConfigError(f"{kind[:-1]} config file not found: {candidate}; give an existing .yaml file or "
+                              f"one of the shipped {kind}: {', '.join(shipped(kind))}")
         return candidate
     shipped_file = CONFIGS_DIR / kind / f"{name_or_path}.yaml"
     return shipped_file if shipped_file.is_file() else None
@@ -311,7 +312,8 @@ def load_model(name_or_path: str) -> ModelSpec:
     if HUB_ID.match(name_or_path) and not looks_like_path:
         return ModelSpec(name=name_or_path.split("/")[1], hub_id=name_or_path)
     if looks_like_path and "/" in name_or_path:
-        raise ConfigError(f"model folder not found: {local}")
+        raise ConfigError(f"model folder not found: {local}; give a folder with config.json, a Hugging Face repo "
+                          f"id, a model .yaml file or one of the shipped models: {', '.join(shipped('models'))}")
     raise ConfigError(f"unknown model '{name_or_path}'; shipped models: {', '.join(shipped('models'))}, "
                       f"or a Hugging Face repo id like 'microsoft/Phi-3-mini-4k-instruct', "
                       f"or a local folder with config.json, or a model .yaml file")

@@ -47,7 +47,8 @@ def _example(path, number: int, line: str) -> Example:
 
 def load_examples(config: DatasetConfig) -> list[Example]:
     if not config.path.is_file():
-        raise ConfigError(f"dataset '{config.name}': file not found: {config.path}")
+        raise ConfigError(f"dataset '{config.name}': key 'path': file not found: {config.path}; give a JSONL file "
+                          f"next to the YAML file")
     try:
         text = config.path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

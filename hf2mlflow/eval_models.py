@@ -18,6 +18,8 @@ from hf2mlflow.sources import spec_from_source_params
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 REGISTERED = re.compile(r"^models:/([^/@]+)(?:@|/)")
+GIVE = ("give a log_pyfunc or log_transformers run ID, or a model URI (models:/name@alias, models:/name/version, "
+        "runs:/run_id/model, a path)")
 
 
 @dataclass
@@ -35,12 +37,11 @@ def _uri_for_run(run_id: str) -> str:
     try:
         run = mlflow.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"models: run ID '{run_id}': no such run at {mlflow.get_tracking_uri()}") from None
+        raise ConfigError(f"models: run ID '{run_id}': no such run at {mlflow.get_tracking_uri()}; {GIVE}") from None
     logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
     if not logged:
         step = run.data.tags.get("step", "unknown step")
-        raise ConfigError(f"models: run ID '{run_id}' ({step} run) holds no logged model; give a log_pyfunc or "
-                          f"log_transformers run ID, or a model URI")
+        raise ConfigError(f"models: run ID '{run_id}' ({step} run) holds no logged model; {GIVE}")
     return f"models:/{logged[0].model_id}"
 
 
@@ -62,7 +63,7 @@ def _model_info(uri: str):
     try:
         return mlflow.models.get_model_info(uri)
     except Exception as exc:  # any store or format error: the URI does not load
-        raise ConfigError(f"models: '{uri}' does not load: {type(exc).__name__}: {str(exc)[:300]}") from None
+        raise ConfigError(f"models: '{uri}' does not load: {type(exc).__name__}: {str(exc)[:300]}; {GIVE}") from None
 
 
 def resolve(ref: str) -> EvalModel:
@@ -72,8 +73,7 @@ def resolve(ref: str) -> EvalModel:
     elif ":/" in ref or os.path.isdir(ref):
         uri = ref
     else:
-        raise ConfigError(f"models: '{ref}' is neither a run ID (32 hex characters) nor a model URI "
-                          f"(models:/name@alias, models:/name/version, runs:/run_id/model, a path)")
+        raise ConfigError(f"models: '{ref}' is neither a run ID (32 hex characters) nor a model URI; {GIVE}")
     info = _model_info(uri)
     meta = info.metadata or {}
     if "transformers" in info.flavors:

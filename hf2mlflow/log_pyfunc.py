@@ -75,7 +75,8 @@ def _conversion_run(run_id: str):
     try:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
-        raise StepError(f"convert_run_id '{run_id}': no such run at tracking URI {mlflow.get_tracking_uri()}") from None
+        raise StepError(f"convert_run_id '{run_id}': no such run at tracking URI {mlflow.get_tracking_uri()}; give "
+                        f"the run ID of a FINISHED {CONVERT_STEP} run there") from None
     step = run.data.tags.get("step") or run.data.tags.get("mlflow.project.entryPoint") or "not a step run"
     if step != CONVERT_STEP:
         raise StepError(f"convert_run_id '{run_id}' is a {step} run, not a {CONVERT_STEP} run")

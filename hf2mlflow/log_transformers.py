@@ -62,7 +62,8 @@ def model_config(target: Target) -> dict:
     return config
 
 
-def _transformers_target(name: str) -> Target:
+def load_transformers_target(name: str) -> Target:
+    """A target the transformers flavor can run on: one with a `transformers` section."""
     target = load_target(name)
     if target.transformers is None:
         usable = [t for t in shipped("targets") if load_target(t).transformers is not None]
@@ -96,7 +97,7 @@ def _load_pipeline(resolved, spec, target: Target, device: str, cache_dir: str):
 
 def log_transformers(args: LogTransformersArgs) -> str:
     """Log and register the transformers model; returns the `models:/name@alias` URI."""
-    target = _transformers_target(args.target)
+    target = load_transformers_target(args.target)
     check_alias(args.alias)
     spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
     if not args.save_pretrained and spec.source != "hub":

@@ -23,6 +23,7 @@ from hf2mlflow import CONFIGS_DIR, PROJECT_ROOT
 from hf2mlflow.config import load_dataset_config, load_model, load_target
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.eval_data import load_examples
+from hf2mlflow.log_transformers import load_transformers_target
 from hf2mlflow.tracking import print_run_summary, step_run
 
 STEP = "main"
@@ -162,11 +163,13 @@ def _validate(args: MainArgs) -> tuple:
     load_model(args.model)
     target = load_target(args.target)
     transformers_target = args.transformers_target or (target.name if target.transformers else "cpu-fp32")
-    if load_target(transformers_target).transformers is None:
-        raise ConfigError(f"transformers_target '{transformers_target}' has no transformers section")
+    try:
+        tf_target = load_transformers_target(transformers_target)
+    except ConfigError as exc:
+        raise ConfigError(f"transformers_target '{transformers_target}': {exc}") from None
     dataset = load_dataset_config(args.dataset)
     load_examples(dataset)
-    return target, load_target(transformers_target), dataset
+    return target, tf_target, dataset
 
 
 def run_chain(args: MainArgs) -> list[StepResult]:

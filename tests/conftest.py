@@ -1,10 +1,12 @@
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -176,3 +178,32 @@ def copy_working_tree(destination: Path) -> Path:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, destination / name)
     return destination
+
+
+@pytest.fixture(scope="session")
+def served_model(logged):
+    """The `logged` pyfunc behind a real `mlflow models serve` on 127.0.0.1 (pickle deserialization off), one
+    for the session: its /invocations URL and the server's process ID."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    command = ["mlflow", "models", "serve", "-m", logged["uri"], "--env-manager", "local", "-h", "127.0.0.1",
+               "-p", str(port), "-w", "1"]
+    log = logged["root"] / "serve.log"
+    with process(command, log, env=env) as proc:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, log, seconds=180)
+        yield f"http://127.0.0.1:{port}/invocations", proc.pid
+
+
+def post(url: str, body, content_type: str = "application/json"):
+    """POST `body` (bytes as they are, anything else as JSON): the status and the answer, parsed when it is JSON."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
