@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,8 +34,17 @@ def step_run(step: str, run_name: str, tags: dict, params: dict):
                 raise StepError(f"failing on purpose: HF2MLFLOW_FAIL_STEP={step}")
             yield run
         except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
+            _record_error(step, run, exc)
             raise
+
+
+def _record_error(step: str, run, exc: BaseException) -> None:
+    """The reason on the run as its `error` tag, if the tracking server can still be told; the step's own
+    error is what gets raised either way."""
+    try:
+        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:4000])
+    except Exception as unrecorded:
+        print(f"[{step}] could not record the error on run {run.info.run_id}: {unrecorded}", file=sys.stderr)
 
 
 def ui_hint(run) -> str:

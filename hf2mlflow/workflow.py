@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from hf2mlflow import CONFIGS_DIR, PROJECT_ROOT
 from hf2mlflow.config import load_dataset_config, load_model, load_target
-from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.errors import ConfigError, StepError, fault_message
 from hf2mlflow.eval_data import load_examples
 from hf2mlflow.log_transformers import load_transformers_target
 from hf2mlflow.tracking import print_run_summary, step_run
@@ -219,4 +219,6 @@ def main(args: MainArgs) -> list[StepResult]:
     try:
         return run_chain(args)
     except MlflowException as exc:
+        if fault_message(exc):
+            raise  # run_step says what the machine did
         raise StepError(f"tracking error: {exc.message}") from None

@@ -130,8 +130,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(command, log: Path, **kwargs):
-    """`command` in its own process group, output to `log`; stopped (SIGTERM, then SIGKILL) on the way out."""
-    with open(log, "w") as out:
+    """`command` in its own process group, output appended to `log`; stopped (SIGTERM, then SIGKILL) on the way
+    out."""
+    with open(log, "a") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
         try:
             yield proc
@@ -158,9 +159,10 @@ def wait_for_http(url: str, proc, log: Path, seconds: int = 120) -> None:
 
 
 @contextlib.contextmanager
-def tracking_server(backend_uri: str, root: Path):
-    """`mlflow server` on 127.0.0.1 with the given backend store and artifacts served from `root`."""
-    port = free_port()
+def tracking_server(backend_uri: str, root: Path, port: int = 0):
+    """`mlflow server` on 127.0.0.1 (on `port`, else a free one) with the given backend store and artifacts
+    served from `root`; stopped on the way out."""
+    port = port or free_port()
     command = ["mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
                "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
