@@ -4,11 +4,13 @@
     python benchmarks/suite.py --layers 32       # the full 3.8 B model
     python benchmarks/suite.py --quick           # tiny-phi3, a smoke run (the test suite runs this)
     python benchmarks/suite.py --update-readme   # and rewrite README's performance section from this run
+    python benchmarks/suite.py --device cuda     # the cuda targets on an NVIDIA GPU (see DEVICES below)
 
 What it compares, all on the same prompts and numbers of new tokens:
 1. the logged ONNX pyfunc through MLflow vs a bare onnxruntime-genai loop on the same files (the wrapper's price);
-2. the ONNX int4 pyfunc vs the transformers flavor in float32, and bfloat16 where the CPU has bf16 instructions;
-3. ONNX int4 vs int8 vs fp32: speed, size, greedy-token agreement with PyTorch;
+2. the ONNX int4 pyfunc vs the transformers flavor in float32, and bfloat16 where the CPU has bf16 instructions
+   (with --device cuda: float16, and bfloat16 where the GPU has it);
+3. ONNX int4 vs int8 vs fp32 (cuda: int4 vs fp16): speed, size, greedy-token agreement with PyTorch;
 4. `mlflow models serve` with 1, 4 and 8 concurrent clients;
 5. conversion: time and builder peak RSS against the checkpoint's size (benchmarks/convert_memory.py does the
    full-size conversion and the two builder paths);
@@ -19,7 +21,7 @@ Every model answers in fresh processes (its own load time and peak RSS), in roun
 token is a one-token request for every model; decode rate is (new tokens - 1) / (answer time - that). The models are
 converted and logged into a temporary MLflow store; the benchmark itself is one MLflow run (experiment
 "benchmarks") in the tracking store in use, with every figure as a metric and the table, JSON and chart as
-artifacts, also written to benchmarks/results/.
+artifacts, also written to benchmarks/results/ (suite-cuda.* for --device cuda).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ from hf2mlflow.manifest import folder_bytes  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+# What each --device benchmarks. onnx: the shipped targets converted and logged, the int4 one first (the bare loop,
+# serving and prompt lengths use it) and the widest last (its logits are compared with PyTorch's); transformers: the
+# flavor's dtypes on that device (bfloat16 only where the hardware has it, and not with --quick); env: set for the
+# measuring processes (on cpu no GPU is visible: MLflow would load the transformers flavor onto one where it is).
+DEVICES = {
+    "cpu": {"onnx": ["cpu-int4", "cpu-int8", "cpu-fp32"], "transformers": ["float32", "bfloat16"],
+            "env": {"CUDA_VISIBLE_DEVICES": ""}},
+    "cuda": {"onnx": ["cuda-int4", "cuda-fp16"], "transformers": ["float16", "bfloat16"], "env": {}},
+}
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.",
              "Explain what a hash function does in one sentence.", "Give me a short tip for learning to cook."]
 
@@ -168,17 +179,51 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def prepare_models(source: Path, work: Path, bf16: bool) -> dict:
+def has_bf16(device: str) -> bool:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def cuda_problems() -> list[str]:
+    """Why --device cuda cannot run here; empty where it can. Cheap: checked before anything is built."""
+    problems = []
+    import torch
+
+    if not torch.cuda.is_available():
+        build = ("a CPU-only build" if torch.version.cuda is None
+                 else f"built for CUDA {torch.version.cuda}, but it finds no usable GPU or driver")
+        problems.append(f"torch.cuda.is_available() is False (torch {torch.__version__}, {build}): the transformers "
+                        f"flavor cannot run on cuda")
+    try:
+        import onnxruntime_genai as og
+
+        genai_cuda, package = og.is_cuda_available(), getattr(og, "__id__", "onnxruntime-genai")
+    except Exception as exc:  # a broken CUDA build can fail to import
+        genai_cuda, package = False, f"onnxruntime_genai (does not import: {exc})"
+    if not genai_cuda:
+        version = installed("onnxruntime-genai-cuda")
+        problems.append(f"onnxruntime-genai has no CUDA execution provider (onnxruntime_genai.is_cuda_available() is "
+                        f"False; the module in use is {package}; "
+                        + (f"onnxruntime-genai-cuda {version} is installed, but not the module imported" if version
+                           else "the onnxruntime-genai-cuda package is not installed")
+                        + f"): the {' and '.join(DEVICES['cuda']['onnx'])} ONNX models cannot run")
+    return problems
+
+
+def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
     """Convert and log every model compared into a temporary store; returns name -> info."""
     import mlflow
     import yaml
 
     from hf2mlflow.convert import ConvertArgs, convert
     from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
-    from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
+    from hf2mlflow.log_transformers import SHORT_DTYPE, LogTransformersArgs, log_transformers
 
     models = {}
-    for target in ("cpu-int4", "cpu-int8", "cpu-fp32"):
+    for target in DEVICES[device]["onnx"]:
         print(f"[setup] converting and logging {target}", flush=True)
         run_id = convert(ConvertArgs(model=str(source), target=target))
         uri = log_pyfunc(LogPyfuncArgs(convert_run_id=run_id))
@@ -187,19 +232,18 @@ def prepare_models(source: Path, work: Path, bf16: bool) -> dict:
         models[f"onnx-{target.split('-')[1]}"] = {
             "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": int(metrics["artifact_bytes"]),
             "conversion_s": metrics["conversion_seconds"], "builder_peak_rss_bytes": metrics["builder_peak_rss_bytes"],
-            "builder_path": mlflow.get_run(run_id).data.params.get("builder_path", "standard")}
+            "builder_path": mlflow.get_run(run_id).data.params.get("builder_path", "standard"), "target": target}
     models["genai-int4 (bare)"] = {**models["onnx-int4"], "kind": "genai"}
-    dtypes = ["float32"] + (["bfloat16"] if bf16 else [])
-    for dtype in dtypes:
-        print(f"[setup] logging the transformers flavor ({dtype})", flush=True)
-        target = work / f"cpu-{dtype}.yaml"
-        target.write_text(yaml.safe_dump({"description": f"transformers {dtype} on CPU (benchmark)",
-                                          "execution_provider": "cpu", "precision": "fp32",
-                                          "transformers": {"device": "cpu", "dtype": dtype}}))
+    for dtype in [d for d in DEVICES[device]["transformers"] if d != "bfloat16" or bf16]:
+        print(f"[setup] logging the transformers flavor ({dtype} on {device})", flush=True)
+        target = work / f"{device}-{dtype}.yaml"
+        target.write_text(yaml.safe_dump({"description": f"transformers {dtype} on {device} (benchmark)",
+                                          "execution_provider": device, "precision": "fp32",
+                                          "transformers": {"device": device, "dtype": dtype}}))
         uri = log_transformers(LogTransformersArgs(model=str(source), target=str(target),
                                                    registered_model_name=f"bench-transformers-{dtype}"))
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / f"transformers-{dtype}")))
-        models[f"transformers-{ {'float32': 'fp32', 'bfloat16': 'bf16'}[dtype]}"] = {
+        models[f"transformers-{SHORT_DTYPE[dtype]}"] = {
             "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": folder_bytes(path)}
     return models
 
@@ -229,6 +273,11 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
 
 
+def median(values: list[float]) -> float:
+    """Median of the known values (a rate is NaN where the answer took no longer than its first token)."""
+    return summarize(values).get("median", float("nan"))
+
+
 def speed_rounds(models: dict, prompts: list, max_tokens: int, rounds: int) -> dict:
     per_model = {name: [] for name in models}
     for r in range(rounds):
@@ -238,8 +287,8 @@ def speed_rounds(models: dict, prompts: list, max_tokens: int, rounds: int) -> d
     results = {}
     for name, measured in per_model.items():
         results[name] = {
-            "decode_tps": summarize([statistics.median([s["decode_tps"] for s in m["samples"]]) for m in measured]),
-            "stream_decode_tps": summarize([statistics.median([s["stream_decode_tps"] for s in m["samples"]])
+            "decode_tps": summarize([median([s["decode_tps"] for s in m["samples"]]) for m in measured]),
+            "stream_decode_tps": summarize([median([s["stream_decode_tps"] for s in m["samples"]])
                                             for m in measured]),
             "ttft_ms": summarize([1000 * statistics.median([s["ttft_s"] for s in m["samples"]]) for m in measured]),
             "load_s": summarize([m["load_s"] for m in measured]),
@@ -256,11 +305,11 @@ def parity(source: Path, models: dict, prompts: list, max_tokens: int) -> dict:
     from hf2mlflow.parity import summarize as summarize_parity
 
     reference = TorchModel.from_folder(source)
-    out = {}
-    for name in ("onnx-int4", "onnx-int8", "onnx-fp32"):
+    out, names = {}, [name for name, info in models.items() if "target" in info and info["kind"] == "pyfunc"]
+    for name in names:
         (config,) = Path(models[name]["path"]).rglob("genai_config.json")
         out[name] = summarize_parity(compare(reference, GenAIModel(config.parent), prompts, max_tokens,
-                                             with_logits=name == "onnx-fp32"))
+                                             with_logits=name == names[-1]))
     return out
 
 
@@ -345,9 +394,10 @@ def report(r: dict) -> str:
     speed, lines = r["speed"], []
     add = lines.append
     add(f"Measured {r['date']} on {r['machine']['cores']} cores, {r['machine']['memory_gib']:.0f} GiB, "
-        f"{r['machine']['cpu']}, no GPU, with `{r['command']}`: {r['model']} "
+        f"{r['machine']['cpu']}, {r['machine']['gpu']}, with `{r['command']}`: {r['model']} "
         f"({r['parameters'] / 1e9:.2f} B parameters), {r['max_tokens']} new tokens per answer, "
-        f"{r['rounds']} interleaved rounds of fresh processes; medians with min-max.")
+        f"{r['rounds']} interleaved rounds of fresh processes; medians with min-max"
+        + ("." if r["device"] == "cpu" else "; peak RSS is host memory (GPU memory is not measured)."))
     add("")
     add("| model | decode tok/s | streamed decode tok/s | time to first token ms | load s | peak RSS GiB | "
         "size MiB |")
@@ -377,8 +427,7 @@ def report(r: dict) -> str:
     add("")
     add("| conversion (builder, auto path) | seconds | builder peak RSS GiB | peak / checkpoint | output MiB |")
     add("|---|---|---|---|---|")
-    for name in ("onnx-int4", "onnx-int8", "onnx-fp32"):
-        c = r["conversion"][name]
+    for name, c in r["conversion"].items():
         add(f"| {name} ({c['builder_path']}) | {c['seconds']:.1f} | {c['peak_rss_gib']:.2f} | "
             f"{c['peak_over_checkpoint']:.2f}x | {c['size_mib']:.1f} |")
     add("")
@@ -425,7 +474,7 @@ def chart(r: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(r["speed"])
-    left.barh(names, [r["speed"][n]["decode_tps"]["median"] for n in names], color="tab:blue")
+    left.barh(names, [r["speed"][n]["decode_tps"].get("median", 0) for n in names], color="tab:blue")
     left.set_xlabel("decode tokens/s (median)")
     left.set_title(f"{r['model']}: decode speed")
     lengths = list(r["prompt_lengths"].values())
@@ -462,6 +511,14 @@ def flat_metrics(r: dict) -> dict:
     return metrics
 
 
+def installed(package: str) -> str:
+    """The package's version; '' where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def update_readme(table: str) -> None:
     readme = PROJECT_ROOT / "README.md"
     text = readme.read_text()
@@ -478,9 +535,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of fresh processes per model")
     parser.add_argument("--max_tokens", type=int, default=64, help="new tokens per answer")
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, one round, few tokens: a smoke run")
-    parser.add_argument("--output_dir", default=str(RESULTS), help="where suite.md, suite.json and suite.png go")
+    parser.add_argument("--output_dir", default=str(RESULTS),
+                        help="where suite.{md,json,png} go (suite-cuda.* with --device cuda)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README's performance section")
+    parser.add_argument("--device", choices=sorted(DEVICES), default="cpu",
+                        help="cpu: the cpu targets; cuda: the cuda targets and the transformers flavor on the GPU")
     args = parser.parse_args(argv)
+    if args.device != "cpu" and args.update_readme:
+        parser.error("--update-readme rewrites README's performance section, which holds the cpu run; a "
+                     f"--device {args.device} run writes benchmarks/results/suite-{args.device}.* and its MLflow run")
+    if args.device == "cuda" and (problems := cuda_problems()):
+        raise SystemExit(
+            "benchmarks/suite.py: error: --device cuda needs a usable CUDA GPU and a CUDA build of "
+            "onnxruntime-genai; on this machine:\n"
+            + "".join(f"  - {p}\n" for p in problems)
+            + "Nothing was built or measured, and no results were written. To benchmark the cuda targets: on a "
+              "machine with an NVIDIA GPU and its driver, install a CUDA build of torch and onnxruntime-genai-cuda of "
+              f"the same version as onnxruntime-genai (pip install onnxruntime-genai-cuda=="
+              f"{installed('onnxruntime-genai') or 'VERSION'}; it provides the onnxruntime_genai module with "
+              "the CUDA execution provider), then run this again. Without --device cuda the suite benchmarks the CPU.")
 
     import mlflow
     from transformers import AutoTokenizer
@@ -489,7 +562,7 @@ def main(argv=None) -> dict:
     from hf2mlflow.tiny_models import phi3_mini_shape_path, tiny_model_path
 
     if args.quick:
-        args.rounds, args.max_tokens = 1, 8
+        args.rounds, args.max_tokens = 1, 32  # with fewer, the decode time of tiny-phi3 is within timing noise
     source = tiny_model_path("tiny-phi3") if args.quick else phi3_mini_shape_path(args.layers)
     label = "tiny-phi3" if args.quick else f"Phi-3-mini-shaped model, {args.layers} layers, bf16 checkpoint"
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -497,7 +570,7 @@ def main(argv=None) -> dict:
     lengths = [64, 512, 1536] if args.quick else [64, 1024, 3000]
     assert max(lengths) + args.max_tokens < context
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[: 2 if args.quick else len(QUESTIONS)]]
-    bf16 = cpu_has_bf16() and not args.quick
+    bf16 = has_bf16(args.device) and not args.quick
     user_tracking_uri = mlflow.get_tracking_uri()
     started = time.time()
 
@@ -505,8 +578,9 @@ def main(argv=None) -> dict:
         work = Path(work)
         os.environ["MLFLOW_TRACKING_URI"] = store = f"sqlite:///{work}/models.db"
         mlflow.set_tracking_uri(store)
+        os.environ.update(DEVICES[args.device]["env"])
         try:
-            models = prepare_models(source, work, bf16)
+            models = prepare_models(source, work, args.device, bf16)
             size = checkpoint_size(source)
             speed = speed_rounds(models, prompts, args.max_tokens, args.rounds)
             print("[parity] greedy tokens vs PyTorch", flush=True)
@@ -526,38 +600,45 @@ def main(argv=None) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import psutil
+    import torch
 
-    command = "python benchmarks/suite.py" + (" --quick" if args.quick else f" --layers {args.layers}")
+    command = ("python benchmarks/suite.py" + (" --quick" if args.quick else f" --layers {args.layers}")
+               + ("" if args.device == "cpu" else f" --device {args.device}"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     results = {
         "date": time.strftime("%Y-%m-%d"), "command": command, "model": label, "parameters": size.parameters,
         "max_tokens": args.max_tokens, "rounds": args.rounds, "seconds": time.time() - started,
+        "device": args.device, "onnx_targets": DEVICES[args.device]["onnx"],
         "machine": {"cores": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30, "cpu": cpu,
-                    "bf16": cpu_has_bf16()},
-        "versions": {p: importlib.metadata.version(p) for p in
-                     ("mlflow", "onnxruntime-genai", "onnxruntime", "transformers", "torch")},
+                    "bf16": has_bf16(args.device),
+                    "gpu": (f"{gpu} (--device cuda)" if args.device == "cuda" else
+                            f"{gpu} unused (--device cpu)" if gpu else "no GPU")},
+        "versions": {p: installed(p) for p in ("mlflow", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime",
+                                               "onnxruntime-gpu", "transformers", "torch") if installed(p)},
         "speed": speed, "targets": targets(speed), "parity": agreement, "served": serving,
         "conversion": conversion, "prompt_lengths": lengths_result,
     }
     table = report(results)
-    out = Path(args.output_dir)
+    out, stem = Path(args.output_dir), "suite" if args.device == "cpu" else f"suite-{args.device}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.md").write_text(table)
-    (out / "suite.json").write_text(json.dumps(results, indent=2, default=str))
-    chart(results, out / "suite.png")
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
+    chart(results, out / f"{stem}.png")
 
     mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name=f"suite-{'quick' if args.quick else f'{args.layers}l'}") as run:
-        mlflow.log_params({"model": label, "layers": 0 if args.quick else args.layers, "rounds": args.rounds,
+    with mlflow.start_run(run_name=f"{stem}-{'quick' if args.quick else f'{args.layers}l'}") as run:
+        mlflow.log_params({"model": label, "device": args.device, "gpu": results["machine"]["gpu"][:250],
+                           "layers": 0 if args.quick else args.layers, "rounds": args.rounds,
                            "max_tokens": args.max_tokens, "cores": results["machine"]["cores"],
                            "memory_gib": round(results["machine"]["memory_gib"], 1), "cpu": cpu[:250],
                            **{f"version.{k}": v for k, v in results["versions"].items()}})
         mlflow.log_metrics(flat_metrics(results))
-        for name in ("suite.md", "suite.json", "suite.png"):
+        for name in (f"{stem}.md", f"{stem}.json", f"{stem}.png"):
             mlflow.log_artifact(str(out / name))
     if args.update_readme:
         update_readme(table)
     print("\n" + table)
-    print(f"results: {out.resolve()} (suite.md, suite.json, suite.png); MLflow run {run.info.run_id} in "
+    print(f"results: {out.resolve()} ({stem}.md, {stem}.json, {stem}.png); MLflow run {run.info.run_id} in "
           f"experiment 'benchmarks' at {mlflow.get_tracking_uri()}; `mlflow ui` shows it"
           + ("; README.md updated" if args.update_readme else ""))
     return results

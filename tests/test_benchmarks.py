@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from hf2mlflow import PROJECT_ROOT
 
@@ -63,3 +64,34 @@ def test_suite_quick(tmp_path):
     assert run.data.metrics["onnx-int4.decode_tps"] == results["speed"]["onnx-int4"]["decode_tps"]["median"]
     assert {a.path for a in mlflow.MlflowClient(store).list_artifacts(run.info.run_id)} == {
         "suite.md", "suite.json", "suite.png"}
+
+
+def test_suite_quick_cuda(tmp_path):
+    """`--device cuda` benchmarks the cuda targets where a usable GPU is; elsewhere it stops at once, saying what
+    is missing, and writes nothing (never the CPU figures under the cuda name)."""
+    import onnxruntime_genai as og
+    import torch
+
+    out, db = tmp_path / "suite", tmp_path / "bench.db"
+    start = time.perf_counter()
+    command = [sys.executable, "benchmarks/suite.py", "--quick", "--device", "cuda", "--output_dir", str(out)]
+    proc = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
+    seconds = time.perf_counter() - start
+    if not (torch.cuda.is_available() and og.is_cuda_available()):
+        assert proc.returncode != 0 and seconds < 60, (proc.returncode, seconds)
+        assert "--device cuda needs a usable CUDA GPU" in proc.stderr and "Nothing was built or measured" in proc.stderr
+        if not torch.cuda.is_available():
+            assert "torch.cuda.is_available() is False" in proc.stderr
+        if not og.is_cuda_available():
+            assert "onnxruntime-genai has no CUDA execution provider" in proc.stderr
+            assert "onnxruntime-genai-cuda" in proc.stderr
+        assert "[setup]" not in proc.stdout and not out.exists() and not db.exists()
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "suite-cuda.json").read_text())
+    assert results["device"] == "cuda" and results["onnx_targets"] == ["cuda-int4", "cuda-fp16"]
+    assert set(results["speed"]) == {"onnx-int4", "onnx-fp16", "genai-int4 (bare)", "transformers-fp16"}
+    assert all(figures["decode_tps"]["median"] > 0 for figures in results["speed"].values())
+    assert all(s["errors"] == 0 for s in results["served"].values())
+    assert "--device cuda" in (out / "suite-cuda.md").read_text() and not (out / "suite.json").exists()
