@@ -551,9 +551,9 @@ def main(argv=None) -> dict:
             + "".join(f"  - {p}\n" for p in problems)
             + "Nothing was built or measured, and no results were written. To benchmark the cuda targets: on a "
               "machine with an NVIDIA GPU and its driver, install a CUDA build of torch and onnxruntime-genai-cuda of "
-              f"the same version as onnxruntime-genai (pip install onnxruntime-genai-cuda=="
-              f"{installed('onnxruntime-genai') or 'VERSION'}; it provides the onnxruntime_genai module with "
-              "the CUDA execution provider), then run this again. Without --device cuda the suite benchmarks the CPU.")
+              f"the same version in place of onnxruntime-genai (pip uninstall -y onnxruntime-genai && pip install "
+              f"onnxruntime-genai-cuda=={installed('onnxruntime-genai') or 'VERSION'}: both provide the "
+              "onnxruntime_genai module), then run this again. Without --device cuda the suite benchmarks the CPU.")
 
     import mlflow
     from transformers import AutoTokenizer

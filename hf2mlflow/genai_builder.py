@@ -33,7 +33,10 @@ class BuilderError(StepError):
 
 
 def builder_version() -> str:
-    return importlib.metadata.version("onnxruntime-genai")
+    """The version of whichever onnxruntime-genai build provides the module (onnxruntime-genai, -cuda or
+    -directml: each installs `onnxruntime_genai`, in place of the others)."""
+    (distribution, *_) = importlib.metadata.packages_distributions().get("onnxruntime_genai", ["onnxruntime-genai"])
+    return importlib.metadata.version(distribution)
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ import hf2mlflow
 from hf2mlflow.config import load_target
 from hf2mlflow.convert import ARTIFACT_FORMAT, ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
 from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.genai_builder import builder_version
 from hf2mlflow.log_transformers import TORCH_CPU_INDEX
 from hf2mlflow.manifest import verify_manifest
 from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
@@ -59,7 +60,7 @@ def requirements(execution_provider: str, artifact_format: str = "onnxruntime-ge
         return ([TORCH_CPU_INDEX] if execution_provider == "cpu" else []) + pins
     runtime = RUNTIME_PACKAGE[execution_provider]
     # onnxruntime-genai-directml has no 0.15 release; 0.14.1 is its newest.
-    runtime_version = "0.14.1" if execution_provider == "dml" else version("onnxruntime-genai")
+    runtime_version = "0.14.1" if execution_provider == "dml" else builder_version()
     return [f"mlflow=={version('mlflow')}", f"{runtime}=={runtime_version}", f"numpy=={version('numpy')}"]
 
 
