@@ -2,6 +2,7 @@
 
     python benchmarks/suite.py                   # 4-layer Phi-3-mini-shaped model (about 15 minutes here)
     python benchmarks/suite.py --layers 32       # the full 3.8 B model
+    python benchmarks/suite.py --full-conversion # and convert the full 32-layer model too (section 5)
     python benchmarks/suite.py --quick           # tiny-phi3, a smoke run (the test suite runs this)
     python benchmarks/suite.py --update-readme   # and rewrite README's performance section from this run
     python benchmarks/suite.py --device cuda     # the cuda targets on an NVIDIA GPU (see DEVICES below)
@@ -12,8 +13,8 @@ What it compares, all on the same prompts and numbers of new tokens:
    (with --device cuda: float16, and bfloat16 where the GPU has it);
 3. ONNX int4 vs int8 vs fp32 (cuda: int4 vs fp16): speed, size, greedy-token agreement with PyTorch;
 4. `mlflow models serve` with 1, 4 and 8 concurrent clients;
-5. conversion: time and builder peak RSS against the checkpoint's size (benchmarks/convert_memory.py does the
-   full-size conversion and the two builder paths);
+5. conversion: time and builder peak RSS against the checkpoint's size; with --full-conversion also the full
+   32-layer model in bf16, as published (benchmarks/convert_memory.py compares the two builder paths);
 6. time to first token for prompts of about 64, 1024 and 3000 tokens.
 
 Every model answers in fresh processes (its own load time and peak RSS), in rounds that interleave the models
@@ -246,6 +247,23 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
         models[f"transformers-{SHORT_DTYPE[dtype]}"] = {
             "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": folder_bytes(path)}
     return models
+
+
+def full_size_conversion(device: str, source: Path) -> tuple[str, dict]:
+    """The int4 conversion of the full-size model (bf16 checkpoint, as published), by the path `auto` picks."""
+    import mlflow
+
+    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.memory_plan import checkpoint_size
+
+    target, layers = DEVICES[device]["onnx"][0], json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    print(f"[setup] converting the full-size model ({layers} layers) to {target}", flush=True)
+    run = mlflow.get_run(convert(ConvertArgs(model=str(source), target=target)))
+    size, m = checkpoint_size(source), run.data.metrics
+    return f"onnx-int4, {layers} layers ({size.parameters / 1e9:.2f} B)", {
+        "seconds": m["conversion_seconds"], "peak_rss_gib": m["builder_peak_rss_bytes"] / 2**30,
+        "peak_over_checkpoint": m["builder_peak_rss_bytes"] / size.stored_bytes,
+        "size_mib": m["artifact_bytes"] / 2**20, "builder_path": run.data.params["builder_path"]}
 
 
 def prompt_of_length(tokenizer, tokens: int) -> list[dict]:
@@ -538,6 +556,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", default=str(RESULTS),
                         help="where suite.{md,json,png} go (suite-cuda.* with --device cuda)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README's performance section")
+    parser.add_argument("--full-conversion", action="store_true",
+                        help="also convert the full 32-layer model (int4; about 5 minutes and 10 GiB on 2 cores)")
     parser.add_argument("--device", choices=sorted(DEVICES), default="cpu",
                         help="cpu: the cpu targets; cuda: the cuda targets and the transformers flavor on the GPU")
     args = parser.parse_args(argv)
@@ -581,6 +601,9 @@ def main(argv=None) -> dict:
         os.environ.update(DEVICES[args.device]["env"])
         try:
             models = prepare_models(source, work, args.device, bf16)
+            # --quick: tiny-phi3 stands in for the full-size model, so the option cannot rot.
+            full = full_size_conversion(args.device, source if args.quick else phi3_mini_shape_path(32)) \
+                if args.full_conversion else None
             size = checkpoint_size(source)
             speed = speed_rounds(models, prompts, args.max_tokens, args.rounds)
             print("[parity] greedy tokens vs PyTorch", flush=True)
@@ -597,13 +620,16 @@ def main(argv=None) -> dict:
                          "peak_over_checkpoint": m["builder_peak_rss_bytes"] / size.stored_bytes,
                          "size_mib": m["size_bytes"] / 2**20, "builder_path": m["builder_path"]}
                   for name, m in models.items() if name.startswith("onnx-")}
+    if full:
+        conversion[full[0]] = full[1]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import psutil
     import torch
 
     command = ("python benchmarks/suite.py" + (" --quick" if args.quick else f" --layers {args.layers}")
-               + ("" if args.device == "cpu" else f" --device {args.device}"))
+               + ("" if args.device == "cpu" else f" --device {args.device}")
+               + (" --full-conversion" if args.full_conversion else ""))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
     results = {
         "date": time.strftime("%Y-%m-%d"), "command": command, "model": label, "parameters": size.parameters,

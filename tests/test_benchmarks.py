@@ -41,7 +41,8 @@ def test_suite_quick(tmp_path):
     import mlflow
 
     out, store = tmp_path / "suite", f"sqlite:///{tmp_path}/bench.db"
-    proc = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--output_dir", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--full-conversion",
+                           "--output_dir", str(out)],
                           cwd=PROJECT_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=store),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,6 +55,9 @@ def test_suite_quick(tmp_path):
     assert all(s["errors"] == 0 and s["requests_per_s"] > 0 for s in results["served"].values())
     assert [p["prompt_tokens"] for p in results["prompt_lengths"].values()] == sorted(
         p["prompt_tokens"] for p in results["prompt_lengths"].values())
+    # --full-conversion: with --quick, tiny-phi3 (2 layers) stands in for the 32-layer model.
+    assert list(results["conversion"]) == ["onnx-int4", "onnx-int8", "onnx-fp32", "onnx-int4, 2 layers (0.00 B)"]
+    assert results["conversion"]["onnx-int4, 2 layers (0.00 B)"]["peak_rss_gib"] > 0
     assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / "suite.md").read_text()
     assert "| pyfunc / bare onnxruntime-genai loop, decode |" in table and table in proc.stdout
