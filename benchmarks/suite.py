@@ -229,11 +229,10 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
         run_id = convert(ConvertArgs(model=str(source), target=target))
         uri = log_pyfunc(LogPyfuncArgs(convert_run_id=run_id))
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / target)))
-        metrics = mlflow.get_run(run_id).data.metrics
+        conversion = conversion_figures(run_id, source)
         models[f"onnx-{target.split('-')[1]}"] = {
-            "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": int(metrics["artifact_bytes"]),
-            "conversion_s": metrics["conversion_seconds"], "builder_peak_rss_bytes": metrics["builder_peak_rss_bytes"],
-            "builder_path": mlflow.get_run(run_id).data.params.get("builder_path", "standard"), "target": target}
+            "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": conversion["size_bytes"],
+            "conversion": conversion, "target": target}
     models["genai-int4 (bare)"] = {**models["onnx-int4"], "kind": "genai"}
     for dtype in [d for d in DEVICES[device]["transformers"] if d != "bfloat16" or bf16]:
         print(f"[setup] logging the transformers flavor ({dtype} on {device})", flush=True)
@@ -249,21 +248,29 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
     return models
 
 
-def full_size_conversion(device: str, source: Path) -> tuple[str, dict]:
-    """The int4 conversion of the full-size model (bf16 checkpoint, as published), by the path `auto` picks."""
+def conversion_figures(run_id: str, source: Path) -> dict:
+    """A convert_onnx run's time, builder peak and output size, and the peak against the checkpoint's size."""
     import mlflow
 
+    from hf2mlflow.memory_plan import checkpoint_size
+
+    run = mlflow.get_run(run_id)
+    m = run.data.metrics
+    return {"seconds": m["conversion_seconds"], "peak_rss_gib": m["builder_peak_rss_bytes"] / 2**30,
+            "peak_over_checkpoint": m["builder_peak_rss_bytes"] / checkpoint_size(source).stored_bytes,
+            "size_bytes": int(m["artifact_bytes"]), "size_mib": m["artifact_bytes"] / 2**20,
+            "builder_path": run.data.params.get("builder_path", "standard")}
+
+
+def full_size_conversion(device: str, source: Path) -> tuple[str, dict]:
+    """The int4 conversion of the full-size model (bf16 checkpoint, as published), by the path `auto` picks."""
     from hf2mlflow.convert import ConvertArgs, convert
     from hf2mlflow.memory_plan import checkpoint_size
 
     target, layers = DEVICES[device]["onnx"][0], json.loads((source / "config.json").read_text())["num_hidden_layers"]
     print(f"[setup] converting the full-size model ({layers} layers) to {target}", flush=True)
-    run = mlflow.get_run(convert(ConvertArgs(model=str(source), target=target)))
-    size, m = checkpoint_size(source), run.data.metrics
-    return f"onnx-int4, {layers} layers ({size.parameters / 1e9:.2f} B)", {
-        "seconds": m["conversion_seconds"], "peak_rss_gib": m["builder_peak_rss_bytes"] / 2**30,
-        "peak_over_checkpoint": m["builder_peak_rss_bytes"] / size.stored_bytes,
-        "size_mib": m["artifact_bytes"] / 2**20, "builder_path": run.data.params["builder_path"]}
+    figures = conversion_figures(convert(ConvertArgs(model=str(source), target=target)), source)
+    return f"onnx-int4, {layers} layers ({checkpoint_size(source).parameters / 1e9:.2f} B)", figures
 
 
 def prompt_of_length(tokenizer, tokens: int) -> list[dict]:
@@ -616,10 +623,7 @@ def main(argv=None) -> dict:
             os.environ["MLFLOW_TRACKING_URI"] = user_tracking_uri
             mlflow.set_tracking_uri(user_tracking_uri)
 
-    conversion = {name: {"seconds": m["conversion_s"], "peak_rss_gib": m["builder_peak_rss_bytes"] / 2**30,
-                         "peak_over_checkpoint": m["builder_peak_rss_bytes"] / size.stored_bytes,
-                         "size_mib": m["size_bytes"] / 2**20, "builder_path": m["builder_path"]}
-                  for name, m in models.items() if name.startswith("onnx-")}
+    conversion = {name: m["conversion"] for name, m in models.items() if name.startswith("onnx-")}
     if full:
         conversion[full[0]] = full[1]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
