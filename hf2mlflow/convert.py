@@ -107,7 +107,9 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
         print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
         check_genai_files(out, target.execution_provider)
         if target.execution_provider == "cpu":
-            _log_validation(validate_genai_model(out))
+            # fp32 must reproduce PyTorch's greedy answer; quantized weights may rightly part from it.
+            _log_validation(validate_genai_model(out, source_dir=resolved.path,
+                                                 compare_greedy=target.precision == "fp32"))
         else:
             # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
             mlflow.set_tag("validation", f"graph checked; generation skipped: needs a {target.execution_provider} device")
@@ -162,7 +164,8 @@ def _log_validation(check) -> None:
     mlflow.log_metrics({"validation_seconds": check.seconds,
                         "validation_new_tokens": len(check.new_tokens),
                         "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
-    print(f"[{STEP}] generated {len(check.new_tokens)} tokens: {check.text!r}")
+    print(f"[{STEP}] tokenizer agrees with transformers; generated {len(check.new_tokens)} tokens: {check.text!r}"
+          + (" (the same greedy tokens as PyTorch)" if check.reference_tokens is not None else ""))
 
 
 def _log_model_folder(out: Path, context_length) -> None:

@@ -3,6 +3,7 @@ model in PyTorch (float32, CPU), on the same prompt token ids (so tokenization d
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,19 @@ class PromptParity:
         return 1.0 if first is None else first / max(len(self.reference_tokens), 1)
 
 
+def without_eos(tokens: list[int], eos_ids) -> list[int]:
+    """New tokens up to the first end-of-sequence token, which is left out: one runtime returns it and another
+    does not, and it is no part of the answer."""
+    for i, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:i]
+    return tokens
+
+
+def _eos_ids(value) -> set[int]:
+    return set(value if isinstance(value, list) else [] if value is None else [value])
+
+
 class TorchModel:
     """A causal LM in PyTorch: the source model (reference) or a logged transformers model."""
 
@@ -52,13 +66,19 @@ class TorchModel:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
+    @property
+    def eos_ids(self) -> set[int]:
+        return _eos_ids(self.model.generation_config.eos_token_id) | _eos_ids(self.tokenizer.eos_token_id)
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         import torch
 
         with torch.no_grad():
             out = self.model.generate(torch.tensor([ids], device=self.model.device), max_new_tokens=max_new_tokens,
+                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                device=self.model.device),
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0)
-        return out[0, len(ids):].tolist()
+        return without_eos(out[0, len(ids):].tolist(), self.eos_ids)
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
         import torch
@@ -75,6 +95,7 @@ class GenAIModel:
         import onnxruntime_genai as og
 
         self.og, self.model = og, og.Model(str(path))
+        self.eos_ids = _eos_ids(json.loads((path / "genai_config.json").read_text())["model"]["eos_token_id"])
 
     def _generator(self, ids: list[int], max_length: int):
         params = self.og.GeneratorParams(self.model)
@@ -87,7 +108,7 @@ class GenAIModel:
         generator = self._generator(ids, len(ids) + max_new_tokens)
         while not generator.is_done():
             generator.generate_next_token()
-        return [int(t) for t in generator.get_sequence(0)[len(ids):]]
+        return without_eos([int(t) for t in generator.get_sequence(0)[len(ids):]], self.eos_ids)
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self._generator(ids, len(ids) + 1).get_logits(), dtype=np.float32).reshape(-1)
@@ -109,9 +130,9 @@ class OptimumModel:
 
         tokens = []
         for token in generate_tokens(self.model, ids, len(ids) + max_new_tokens, greedy):
-            tokens.append(token)
-            if token in self.eos_ids:  # the reference stops at EOS too, and keeps it
+            if token in self.eos_ids:
                 break
+            tokens.append(token)
         return tokens
 
     def next_logits(self, ids: list[int]) -> np.ndarray:

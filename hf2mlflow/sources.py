@@ -1,4 +1,5 @@
-"""Turn a ModelSpec into a local Hugging Face folder: built-in, local folder or hub download."""
+"""Turn a ModelSpec into a local Hugging Face folder: built-in, local folder, hub download, or a GGUF file
+(local or from a registry package) dequantized into a cached folder."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from hf2mlflow.config import ModelSpec
+from hf2mlflow.config import ModelSpec, PackageFile
 from hf2mlflow.errors import StepError
+from hf2mlflow.gguf_source import GGUFInfo, fetch_package_file, hf_folder_from_gguf
 
 # What the builder (and later steps) need; never the .bin/.pth duplicates some repos carry.
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -24,6 +26,7 @@ class ResolvedModel:
     path: Path
     architecture: str
     revision: Optional[str]  # the resolved commit for hub models
+    gguf: Optional[GGUFInfo] = None  # for GGUF sources: the file the folder was made from
 
 
 def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]:
@@ -53,8 +56,14 @@ def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]
 
 def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedModel:
     """A local folder holding config.json, weights and tokenizer for `spec`."""
-    revision = None
-    if spec.builtin:
+    revision, gguf = None, None
+    if spec.package:
+        package = spec.package
+        gguf_path = fetch_package_file(package.requirement, package.sha256, package.file)
+        path, gguf = hf_folder_from_gguf(gguf_path, origin=f"{package.requirement}:{package.file}")
+    elif spec.gguf_file:
+        path, gguf = hf_folder_from_gguf(Path(spec.gguf_file).expanduser())
+    elif spec.builtin:
         from hf2mlflow.tiny_models import tiny_model_path
         path = tiny_model_path(spec.builtin)
     elif spec.local_path:
@@ -69,17 +78,24 @@ def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedM
     architectures = json.loads(config_file.read_text()).get("architectures") or []
     if not architectures:
         raise ModelSourceError(f"model '{spec.name}': {config_file} names no 'architectures'")
-    return ResolvedModel(spec, path, architectures[0], revision)
+    return ResolvedModel(spec, path, architectures[0], revision, gguf)
 
 
 def source_params(resolved: ResolvedModel) -> dict:
     """Where the model came from, as run params; `spec_from_source_params` reads them back (evaluate's parity)."""
     spec = resolved.spec
-    return {"model_source": spec.source,
-            "model_id": spec.hub_id or spec.builtin or str(spec.local_path),
-            "model_revision": (resolved.revision or spec.revision) if spec.source == "hub" else "",
-            "architecture": resolved.architecture,
-            "model_trust_remote_code": spec.trust_remote_code}  # the effective value: flag or model config
+    params = {"model_source": spec.source,
+              "model_id": spec.hub_id or spec.builtin or (spec.package and spec.package.requirement)
+              or str(spec.gguf_file or spec.local_path),
+              "model_revision": (resolved.revision or spec.revision) if spec.source == "hub" else "",
+              "architecture": resolved.architecture,
+              "model_trust_remote_code": spec.trust_remote_code}  # the effective value: flag or model config
+    if spec.package:
+        params.update({"model_package_sha256": spec.package.sha256, "model_package_file": spec.package.file})
+    if resolved.gguf:
+        params.update({"gguf_sha256": resolved.gguf.sha256, "gguf_file_type": resolved.gguf.file_type,
+                       "gguf_origin": resolved.gguf.origin})
+    return params
 
 
 def spec_from_source_params(name: str, params: dict) -> ModelSpec:
@@ -91,4 +107,9 @@ def spec_from_source_params(name: str, params: dict) -> ModelSpec:
         return ModelSpec(name=name, builtin=model_id)
     if source == "local":
         return ModelSpec(name=name, local_path=Path(model_id))
+    if source == "gguf":
+        return ModelSpec(name=name, gguf_file=Path(model_id))
+    if source == "package":
+        return ModelSpec(name=name, package=PackageFile(requirement=model_id, sha256=params.get("model_package_sha256"),
+                                                        file=params.get("model_package_file")))
     raise ModelSourceError(f"the run does not record where model '{name}' came from (params model_source, model_id)")

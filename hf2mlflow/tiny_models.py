@@ -68,7 +68,7 @@ def tiny_model_path(name: str) -> Path:
     """The folder of built-in model `name`, built first if it is not cached yet."""
     if name not in RECIPES:
         raise ValueError(f"unknown built-in model '{name}'; built-in models: {', '.join(RECIPES)}")
-    return _cached(home() / "builtin" / f"{name}-v{RECIPE_VERSION}", lambda out: build_tiny_model(name, out))
+    return cached_folder(home() / "builtin" / f"{name}-v{RECIPE_VERSION}", lambda out: build_tiny_model(name, out))
 
 
 def phi3_mini_shape_path(layers: int = 4, dtype: str = "bfloat16") -> Path:
@@ -78,11 +78,11 @@ def phi3_mini_shape_path(layers: int = 4, dtype: str = "bfloat16") -> Path:
     Built on first use (a minute and 7.6 GB of disk for 32 layers), then cached."""
     if layers < 1 or dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"layers must be >= 1 and dtype one of bfloat16, float16, float32 (got {layers}, {dtype})")
-    return _cached(home() / "builtin" / f"phi3-mini-shape-{layers}l-{dtype}-v{RECIPE_VERSION}",
+    return cached_folder(home() / "builtin" / f"phi3-mini-shape-{layers}l-{dtype}-v{RECIPE_VERSION}",
                    lambda out: _build_phi3_mini_shape(out, layers, dtype))
 
 
-def _cached(target: Path, build) -> Path:
+def cached_folder(target: Path, build) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
+
+from hf2mlflow.errors import StepError
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -34,6 +37,16 @@ def check_genai_files(model_dir: Path, execution_provider: str) -> None:
                          f"that genai_config.json names")
 
 
+class ValidationError(StepError):
+    """The converted model does not behave as its source does: the step fails rather than log it."""
+
+
+# Texts whose ids both runtimes must turn back into the same text: spaces (byte-level), digits, accents,
+# CJK, emoji, tabs and blank lines.
+DECODE_PROBES = (" Paris is nice", "3.14159 and 1,000 apples", "Ünïcødé — “quotes” 日本語 🙂",
+                 "don't\n\n  indented\tdone")
+
+
 @dataclass(frozen=True)
 class ValidationResult:
     prompt: str
@@ -42,27 +55,75 @@ class ValidationResult:
     new_tokens: list[int]
     text: str
     seconds: float
+    # fp32 targets: the source model's greedy tokens in PyTorch on the same prompt ids (asserted equal).
+    reference_tokens: Optional[list[int]] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def validate_genai_model(model_dir: Path, max_new_tokens: int = 8) -> ValidationResult:
-    """Greedy-generate a few tokens from a chat prompt made with the tokenizer's own chat template."""
+def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, decode, where: str) -> None:
+    """Fail, naming the first offending token, when onnxruntime-genai's ids for the prompt fall outside the
+    vocabulary or differ from transformers'."""
+    outside = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
+    if outside:
+        position, token = outside[0]
+        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer gives id {token} at position {position} "
+                              f"of the validation chat prompt, outside the vocabulary (0..{vocab_size - 1}); "
+                              f"{len(outside)} of {len(ids)} ids are outside. Its tokenizer files are not ones "
+                              f"onnxruntime-genai reads as transformers does")
+    if ids != reference:
+        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer disagrees with transformers' on the "
+                              f"validation chat prompt: {first_difference(reference, ids, decode, 'transformers', 'onnxruntime-genai')}")
+
+
+def first_difference(expected: list[int], got: list[int], decode, expected_name: str, got_name: str) -> str:
+    """Where two token sequences part, with the tokens' text, in words."""
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a != b:
+            return (f"first differing token at position {i}: {expected_name} {a} ({decode([a])!r}), "
+                    f"{got_name} {b} ({decode([b])!r})")
+    longer, name = (expected, expected_name) if len(expected) > len(got) else (got, got_name)
+    i = min(len(expected), len(got))
+    return (f"the sequences agree for {i} tokens, then only {name} goes on: "
+            f"{longer[i]} ({decode([longer[i]])!r}); lengths {len(expected)} and {len(got)}")
+
+
+def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: Optional[Path] = None,
+                         compare_greedy: bool = False) -> ValidationResult:
+    """Greedy-generate from a chat prompt made with the tokenizer's own chat template. Fails (ValidationError)
+    when onnxruntime-genai cannot load the model, when its tokenizer turns the prompt into other ids than
+    transformers' tokenizer of `source_dir` (default: the model folder's) or gives ids outside the
+    vocabulary, when it decodes ids to other text, and, with `compare_greedy` (fp32), when its greedy answer
+    differs from the source model's in PyTorch."""
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(source_dir or model_dir)
     if not hf_tokenizer.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
-    model = og.Model(str(model_dir))
+    try:
+        model = og.Model(str(model_dir))
+    except RuntimeError as exc:
+        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For int8 on a "
+                              f"model with tied embeddings, set builder_options.shared_embeddings: false in the "
+                              f"target; otherwise try another precision or -P exporter=optimum") from None
     tokenizer = og.Tokenizer(model)
     ids = [int(i) for i in tokenizer.encode(prompt)]
     if not ids:
-        raise ValueError(f"{model_dir}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
-    reference = hf_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        raise ValidationError(f"{model_dir}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
+    reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    decode = hf_tokenizer.decode
+    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, str(model_dir))
+    for text in DECODE_PROBES:
+        probe = list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+        theirs, ours = hf_tokenizer.decode(probe, skip_special_tokens=True), tokenizer.decode(probe)
+        if theirs != ours:
+            raise ValidationError(f"{model_dir}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
+                                  f"transformers as {theirs!r}")
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
     generator = og.Generator(model, params)
@@ -72,15 +133,27 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 8) -> Validation
         generator.generate_next_token()
         new_tokens.append(int(generator.get_next_tokens()[0]))
     if not new_tokens:
-        raise ValueError(f"{model_dir}: the model generated no tokens")
-    return ValidationResult(prompt, len(ids), reference == ids, new_tokens, tokenizer.decode(new_tokens),
-                            time.perf_counter() - start)
+        raise ValidationError(f"{model_dir}: the model generated no tokens")
+    reference_tokens = None
+    if compare_greedy:
+        from hf2mlflow.parity import TorchModel, without_eos
+
+        torch_model = TorchModel.from_folder(source_dir or model_dir)
+        reference_tokens = torch_model.greedy(ids, max_new_tokens)
+        eos = torch_model.eos_ids
+        if without_eos(new_tokens, eos) != reference_tokens:
+            raise ValidationError(
+                f"{model_dir}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
+                f"{first_difference(reference_tokens, without_eos(new_tokens, eos), decode, 'PyTorch', 'ONNX')} "
+                f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {tokenizer.decode(new_tokens)!r})")
+    return ValidationResult(prompt, len(ids), True, new_tokens, tokenizer.decode(new_tokens),
+                            time.perf_counter() - start, reference_tokens)
 
 
 def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: int = 8) -> ValidationResult:
     """The same check for an optimum export, run as the pyfunc runs it (onnxruntime through optimum's
-    ORTModelForCausalLM, on the CPU). Its tokenizer is a copy of the source model's, so
-    `tokenizer_matches_transformers` says whether the copy encodes the prompt as the source tokenizer does."""
+    ORTModelForCausalLM, on the CPU). Its tokenizer is a copy of the source model's; the step fails when the
+    copy encodes the prompt otherwise than the source tokenizer does."""
     from transformers import AutoTokenizer
 
     from hf2mlflow.ort_chat import eos_token_ids, generate_tokens, greedy, load_ort_model
@@ -90,10 +163,10 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
     if not tokenizer.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ValueError(f"{model_dir}: the tokenizer encoded the prompt to no tokens")
-    reference = AutoTokenizer.from_pretrained(source_dir)(prompt, add_special_tokens=False)["input_ids"]
+    reference = list(AutoTokenizer.from_pretrained(source_dir)(prompt, add_special_tokens=False)["input_ids"])
     model = load_ort_model(model_dir)
     eos = eos_token_ids(model, tokenizer)
     new_tokens: list[int] = []
@@ -101,5 +174,6 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
         new_tokens.append(token)
         if token in eos:
             break
-    return ValidationResult(prompt, len(ids), reference == ids, new_tokens,
+    check_prompt_ids(ids, reference, int(model.config.vocab_size), tokenizer.decode, str(model_dir))
+    return ValidationResult(prompt, len(ids), True, new_tokens,
                             tokenizer.decode(new_tokens, skip_special_tokens=True), time.perf_counter() - start)
