@@ -49,7 +49,6 @@ from hf2mlflow import PROJECT_ROOT  # noqa: E402
 from hf2mlflow.manifest import folder_bytes  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
-README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 # What each --device benchmarks. onnx: the shipped targets converted and logged, the int4 one first (the bare loop,
 # serving and prompt lengths use it) and the widest last (its logits are compared with PyTorch's); transformers: the
 # flavor's dtypes on that device (bfloat16 only where the hardware has it, and not with --quick); env: set for the
@@ -544,14 +543,16 @@ def installed(package: str) -> str:
         return ""
 
 
-def update_readme(table: str) -> None:
+def update_readme(table: str, section: str = "benchmarks") -> None:
+    """Rewrite the README's generated block between `<!-- SECTION:begin -->` and `<!-- SECTION:end -->`."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     readme = PROJECT_ROOT / "README.md"
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"README.md has no {README_BEGIN} ... {README_END} section to rewrite")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} section to rewrite")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}{end}{tail}")
 
 
 def main(argv=None) -> dict:

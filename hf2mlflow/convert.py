@@ -26,6 +26,7 @@ from hf2mlflow.validate import check_genai_files, validate_genai_model, validate
 
 STEP = "convert_onnx"
 ONNX_ARTIFACT_PATH = "onnx"
+TARGET_ARTIFACT = "target.json"
 # The run's `artifact_format` tag per exporter: log_pyfunc serves each format with its own engine.
 ARTIFACT_FORMAT = {"genai-builder": "onnxruntime-genai", "optimum": "optimum-onnx"}
 
@@ -68,6 +69,8 @@ def convert(args: ConvertArgs) -> str:
               "exporter": args.exporter, "builder_memory": args.builder_memory,
               "memory_budget_gib": args.memory_budget_gib}
     with step_run(STEP, output_name, tags, params) as run:
+        # The target as built, so later steps need not find its YAML file again (it may be a path of its own).
+        mlflow.log_dict(target.model_dump(mode="json"), TARGET_ARTIFACT)
         if target.exporter == "optimum":
             _export_optimum_in_run(spec, target, args.cache_dir)
         else:

@@ -22,7 +22,7 @@ from hf2mlflow.scoring import genai_scorers
 from hf2mlflow.tracking import print_run_summary, step_run
 
 STEP = "evaluate"
-SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "parity_identical_rate",
+SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "contains", "parity_identical_rate",
                    "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50", "latency_s_p95", "load_s",
                    "peak_rss_mib", "size_mib", "flag"]
 
@@ -54,8 +54,7 @@ def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_
     from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel, compare
     from hf2mlflow.sources import resolve_model
 
-    key = (model.source.source, str(model.source.hub_id or model.source.builtin or model.source.local_path),
-           model.source.revision)
+    key = model.source.model_dump_json(exclude={"name", "description"})
     if key not in references:
         resolved = resolve_model(model.source)
         references[key] = TorchModel.from_folder(resolved.path, model.source.trust_remote_code)
@@ -111,9 +110,18 @@ def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, 
         results = _parity(model, model_dir, examples, max_new_tokens, references)
         summary.update(summarize(results))
         per_prompt["first_divergence"] = [r.first_divergence for r in results]
+        per_prompt["tokenizer_agrees"] = [r.tokenizer_agrees for r in results]
+        flags = []
+        if summary["tokenizer_agreement_rate"] < 1.0:
+            disagree = sum(not r.tokenizer_agrees for r in results)
+            flags.append(f"tokenizer disagrees with the source model's on {disagree} of {len(results)} prompts: "
+                         f"its answers are to other text than was asked")
         if summary["parity_identical_rate"] < config.min_token_agreement:
-            summary["flag"] = (f"diverges: {summary['parity_identical_rate']:.0%} of prompts identical "
-                               f"< {config.min_token_agreement:.0%}")
+            flags.append(f"diverges: {summary['parity_identical_rate']:.0%} of prompts identical "
+                         f"< {config.min_token_agreement:.0%}")
+        summary["flag"] = "; ".join(flags)
+        for flag in flags:
+            print(f"[{STEP}] WARNING {model.name}: {flag}")
     return summary, per_prompt
 
 

@@ -15,8 +15,8 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 import hf2mlflow
-from hf2mlflow.config import load_target
-from hf2mlflow.convert import ARTIFACT_FORMAT, ONNX_ARTIFACT_PATH, STEP as CONVERT_STEP
+from hf2mlflow.config import Target, load_target
+from hf2mlflow.convert import ARTIFACT_FORMAT, ONNX_ARTIFACT_PATH, TARGET_ARTIFACT, STEP as CONVERT_STEP
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.genai_builder import builder_version
 from hf2mlflow.log_transformers import TORCH_CPU_INDEX
@@ -93,7 +93,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
         raise ConfigError(f"interface '{args.interface}' is not allowed; allowed: chat, prompt")
     check_alias(args.alias)
     source = _conversion_run(args.convert_run_id)
-    built = load_target(source.data.tags["target"])
+    built = Target.model_validate(mlflow.artifacts.load_dict(f"runs:/{args.convert_run_id}/{TARGET_ARTIFACT}"))
     target = load_target(args.target) if args.target else built
     if (target.execution_provider, target.precision) != (built.execution_provider, built.precision):
         raise ConfigError(f"target '{target.name}' is {target.precision} on {target.execution_provider}, but run "

@@ -16,6 +16,9 @@ class PromptParity:
     reference_tokens: list[int]
     tokens: list[int]
     logits_max_abs_diff: Optional[float] = None
+    # Whether the model's own tokenizer turns the chat prompt into the source tokenizer's ids (the tokens
+    # above are compared on the source's ids, so a tokenizer that disagrees shows only here).
+    tokenizer_agrees: Optional[bool] = None
 
     @property
     def first_divergence(self) -> Optional[int]:
@@ -66,6 +69,12 @@ class TorchModel:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
+    def prompt_text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     @property
     def eos_ids(self) -> set[int]:
         return _eos_ids(self.model.generation_config.eos_token_id) | _eos_ids(self.tokenizer.eos_token_id)
@@ -95,6 +104,7 @@ class GenAIModel:
         import onnxruntime_genai as og
 
         self.og, self.model = og, og.Model(str(path))
+        self.tokenizer = og.Tokenizer(self.model)
         self.eos_ids = _eos_ids(json.loads((path / "genai_config.json").read_text())["model"]["eos_token_id"])
 
     def _generator(self, ids: list[int], max_length: int):
@@ -103,6 +113,9 @@ class GenAIModel:
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         return generator
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text)]
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         generator = self._generator(ids, len(ids) + max_new_tokens)
@@ -123,7 +136,11 @@ class OptimumModel:
         from hf2mlflow.ort_chat import eos_token_ids, load_ort_model
 
         self.model = load_ort_model(path)
-        self.eos_ids = eos_token_ids(self.model, AutoTokenizer.from_pretrained(path))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         from hf2mlflow.ort_chat import generate_tokens, greedy
@@ -146,7 +163,9 @@ def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new
     results = []
     for messages in prompts:
         ids = reference.prompt_ids(messages)
-        result = PromptParity(reference.greedy(ids, max_new_tokens), candidate.greedy(ids, max_new_tokens))
+        result = PromptParity(reference.greedy(ids, max_new_tokens), candidate.greedy(ids, max_new_tokens),
+                              tokenizer_agrees=candidate.encode(reference.prompt_text(messages))
+                              == reference.encode(reference.prompt_text(messages)))
         if with_logits:
             result.logits_max_abs_diff = float(np.max(np.abs(reference.next_logits(ids) - candidate.next_logits(ids))))
         results.append(result)
@@ -159,6 +178,7 @@ def summarize(results: list[PromptParity]) -> dict:
         "parity_identical_rate": sum(d is None for d in divergences) / len(results),
         "parity_matched_share": float(np.mean([r.matched_share for r in results])),
         "parity_first_divergence_min": float(min((d for d in divergences if d is not None), default=-1)),
+        "tokenizer_agreement_rate": sum(bool(r.tokenizer_agrees) for r in results) / len(results),
     }
     logits = [r.logits_max_abs_diff for r in results if r.logits_max_abs_diff is not None]
     if logits:
