@@ -45,13 +45,17 @@ INT4_VARIANTS = {
     "rtn+last_matmul:int8": {"algo_config": "rtn", "matmul_mixed_precision": "last_matmul:int8"},
     "k_quant+last_matmul:int8": {"algo_config": "k_quant", "matmul_mixed_precision": "last_matmul:int8"},
 }
+# An int8 output layer cannot share its weights with a 4-bit embedding in the builder (an invalid graph for
+# models with tied embeddings, as cpu-int8.yaml says): the mixed variants keep the two apart.
+MIXED_EXTRA = {"shared_embeddings": False}
 REFERENCE_TARGETS = ("cpu-fp32", "cpu-int8")
 
 
 def _variant_target(name: str, options: dict, folder: Path) -> Path:
     """cpu-int4.yaml with `options` over its builder options, as a target file named for the variant."""
     config = yaml.safe_load((CONFIGS_DIR / "targets" / "cpu-int4.yaml").read_text())
-    config["builder_options"] = {**config.get("builder_options", {}), **options}
+    extra = MIXED_EXTRA if "matmul_mixed_precision" in options else {}
+    config["builder_options"] = {**config.get("builder_options", {}), **options, **extra}
     config["description"] = f"cpu-int4 with {name}"
     stem = "cpu-int4-" + name.replace("+", "-").replace(":", "")
     config["name"] = stem

