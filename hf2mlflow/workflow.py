@@ -87,11 +87,14 @@ def _config_file(kind: str, name_or_path: str) -> Path | None:
 
 
 def _model_digest(name_or_path: str) -> bytes:
-    """What the model config says; for a local folder, its files' names, sizes and times (not GBs of content)."""
+    """What the model config says; for a local folder or GGUF file, its files' names, sizes and times (not GBs
+    of content)."""
     path = _config_file("models", name_or_path)
     if path is not None:
         return path.read_bytes()
     folder = Path(name_or_path).expanduser()
+    if folder.is_file():
+        return f"{folder.name} {folder.stat().st_size} {folder.stat().st_mtime_ns}".encode()
     if folder.is_dir():
         return "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}"
                          for p in sorted(folder.iterdir()) if p.is_file()).encode()

