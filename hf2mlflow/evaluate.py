@@ -152,6 +152,17 @@ def _print_table(table: pd.DataFrame) -> None:
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 
+def _print_answers(prompts: pd.DataFrame, shown: int = 5) -> None:
+    """The first answers of every model, so the numbers above come with what they measure."""
+    print(f"\n[{STEP}] answers (first {shown} prompts; all in per_prompt_outputs.json)")
+    for question_id in list(dict.fromkeys(prompts["id"]))[:shown]:
+        rows = prompts[prompts["id"] == question_id]
+        print(f"  {rows['question'].iloc[0]}  (reference: {rows['reference'].iloc[0]})")
+        for _, row in rows.iterrows():
+            answer = " ".join(str(row["answer"]).split())
+            print(f"    {row['model']}: {answer[:120]}{'...' if len(answer) > 120 else ''}")
+
+
 def evaluate(args: EvaluateArgs) -> str:
     """Validate every input, then evaluate each model; returns the evaluation run ID."""
     if args.max_new_tokens < 0 or args.limit < 0:
@@ -190,6 +201,7 @@ def evaluate(args: EvaluateArgs) -> str:
             mlflow.log_artifacts(str(out))
         mlflow.log_table(table, "comparison_table.json")
         mlflow.log_table(prompts, "per_prompt_outputs.json")
+    _print_answers(prompts)
     _print_table(table)
     print_run_summary(STEP, run, {"comparison": f"{run.info.artifact_uri}/comparison.csv",
                                   "chart": f"{run.info.artifact_uri}/speed_vs_quality.png"})

@@ -99,3 +99,17 @@ def test_suite_quick_cuda(tmp_path):
     assert all(figures["decode_tps"]["median"] > 0 for figures in results["speed"].values())
     assert all(s["errors"] == 0 for s in results["served"].values())
     assert "--device cuda" in (out / "suite-cuda.md").read_text() and not (out / "suite.json").exists()
+
+
+def test_quantization_sweep_quick(tmp_path):
+    out = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "quantization_sweep.py"), "--quick",
+                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["cpu-fp32", "cpu-int8", "int4 default", "int4 rtn", "transformers fp32"]
+    assert rows[0]["same greedy answer as PyTorch"] == 1.0  # fp32 ONNX: PyTorch's answers
+    assert all(r["decode tok/s"] > 0 and r["size MiB"] > 0 for r in rows)
+    assert "| int4 rtn | algo_config=rtn |" in out.with_suffix(".md").read_text()

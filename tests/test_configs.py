@@ -37,7 +37,7 @@ def test_the_required_targets_and_models_are_shipped():
 def test_cpu_int4_is_microsofts_published_build():
     t = load_target("cpu-int4")
     assert (t.execution_provider, t.precision) == ("cpu", "int4")
-    assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=rtn"]
+    assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=default"]
 
 
 def write(tmp_path, name, text):
