@@ -575,7 +575,7 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and (problems := cuda_problems()):
         raise SystemExit(
             "benchmarks/suite.py: error: --device cuda needs a usable CUDA GPU and a CUDA build of "
-            "onnxruntime-genai; on this machine:\n"
+            "onnxruntime-genai; here:\n"
             + "".join(f"  - {p}\n" for p in problems)
             + "Nothing was built or measured, and no results were written. To benchmark the cuda targets: on a "
               "machine with an NVIDIA GPU and its driver, install a CUDA build of torch and onnxruntime-genai-cuda of "

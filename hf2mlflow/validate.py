@@ -13,6 +13,7 @@ import numpy as np
 from hf2mlflow.errors import StepError
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+WHERE = "the converted model"  # the folder is scratch space, gone when the step ends
 
 
 def check_genai_files(model_dir: Path, execution_provider: str) -> None:
@@ -110,7 +111,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     start = time.perf_counter()
     hf_tokenizer = AutoTokenizer.from_pretrained(source_dir or model_dir)
     if not hf_tokenizer.chat_template:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
+        raise ValueError(f"{source_dir or model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
     from hf2mlflow.parity import GenAIModel
 
@@ -119,20 +120,21 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     except RuntimeError as exc:
         raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
                               f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
-                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; otherwise try another precision or -P exporter=optimum") from None
+                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
+                              f"otherwise try another precision or -P exporter=optimum") from None
     model, tokenizer = candidate.model, candidate.tokenizer
     ids = candidate.encode(prompt)
     if not ids:
-        raise ValidationError(f"{model_dir}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
+        raise ValidationError(f"{WHERE}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
     reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
     genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
     decode = hf_tokenizer.decode
-    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, str(model_dir))
+    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, WHERE)
     for text in DECODE_PROBES:
         probe = list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
         theirs, ours = hf_tokenizer.decode(probe, skip_special_tokens=True), tokenizer.decode(probe)
         if theirs != ours:
-            raise ValidationError(f"{model_dir}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
+            raise ValidationError(f"{WHERE}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
                                   f"transformers as {theirs!r}")
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
@@ -143,7 +145,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         generator.generate_next_token()
         new_tokens.append(int(generator.get_next_tokens()[0]))
     if not new_tokens:
-        raise ValidationError(f"{model_dir}: the model generated no tokens")
+        raise ValidationError(f"{WHERE}: the model generated no tokens")
     reference_tokens = None
     if compare_greedy:
         from hf2mlflow.parity import TorchModel, without_eos
@@ -153,7 +155,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         eos = torch_model.eos_ids
         if without_eos(new_tokens, eos) != reference_tokens:
             raise ValidationError(
-                f"{model_dir}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
+                f"{WHERE}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
                 f"{first_difference(reference_tokens, without_eos(new_tokens, eos), decode, 'PyTorch', 'ONNX')} "
                 f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {tokenizer.decode(new_tokens)!r})")
         # Equal greedy tokens can hide a wrong graph (a small model's logits are close together or far apart
@@ -163,7 +165,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         if diff > allowed:
             worst = int(np.argmax(np.abs(expected - got)))
             raise ValidationError(
-                f"{model_dir}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
+                f"{WHERE}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
                 f"(allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
                 f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
                 f"model's config.json asks of PyTorch; check settings the builder may not support "
