@@ -42,7 +42,8 @@ def test_convert_logs_a_validated_model(tracking, tmp_path, model, target, archi
     metrics = run.data.metrics
     assert metrics["conversion_seconds"] > 0
     assert 100 * 2**20 < metrics["builder_peak_rss_bytes"] < 8 * 2**30
-    assert metrics["validation_new_tokens"] == 8 and metrics["validation_tokenizer_match"] == 1.0
+    # Greedy generation stops at EOS or after 16 new tokens; a random tiny model may end at once.
+    assert 1 <= metrics["validation_new_tokens"] <= 16 and metrics["validation_tokenizer_match"] == 1.0
 
     onnx_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(tmp_path / "dl")))
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= {
@@ -54,7 +55,7 @@ def test_convert_logs_a_validated_model(tracking, tmp_path, model, target, archi
         p.stat().st_size for p in onnx_dir.rglob("*") if p.is_file())
     validation = mlflow.artifacts.load_dict(f"runs:/{run_id}/validation.json")
     assert validation["prompt"].endswith(("<|assistant|>\n", "<|im_start|>assistant\n"))
-    assert len(validation["new_tokens"]) == 8
+    assert len(validation["new_tokens"]) == metrics["validation_new_tokens"]
 
 
 def test_quantized_is_smaller_than_fp32(tracking):

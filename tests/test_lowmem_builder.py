@@ -100,7 +100,7 @@ def test_auto_takes_the_low_memory_path_when_the_standard_would_not_fit(tracking
     low = estimate_of(checkpoint_size(tiny_model_path("tiny-phi3")), "int4")[1]
     assert run.data.metrics["estimated_peak_rss_bytes"] == low
     assert run.data.metrics["memory_budget_bytes"] == 24 * GIB
-    assert run.data.metrics["validation_new_tokens"] == 8
+    assert 1 <= run.data.metrics["validation_new_tokens"] <= 16
 
 
 def test_bad_memory_options_start_no_run(tracking):
