@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+from hf2mlflow.batching import concurrently
 from hf2mlflow.chat_schema import ChatRequest, ChatRequestError, ChatResponse, Completion, chunk
 
 
@@ -38,14 +39,25 @@ class ChatEngine:
                                    f"{self.context_length}, which must also leave room for the answer")
         return ids
 
-    def _deltas(self, prompt_ids: list[int], request: ChatRequest, seed_offset: int, done: Completion) -> Iterator[str]:
-        """Yield text as it is decoded; fill `done` with the finish reason and token count."""
-        seed = None if request.seed is None else request.seed + seed_offset
-        max_length = min(len(prompt_ids) + request.max_tokens, self.context_length)
+    def _choice_tokens(self, prompt_ids: list[int], request: ChatRequest, index: int) -> Iterator[int]:
+        """The tokens of choice `index` (its seed is the request's seed + index)."""
+        seed = None if request.seed is None else request.seed + index
+        return self._tokens(prompt_ids, request, seed, min(len(prompt_ids) + request.max_tokens, self.context_length))
+
+    def _deltas(self, tokens: Iterator[int], request: ChatRequest, done: Completion) -> Iterator[str]:
+        """Yield text as `tokens` are decoded; fill `done` with the finish reason and token count."""
+        try:
+            yield from self._decode(tokens, request, done)
+        finally:
+            close = getattr(tokens, "close", None)
+            if close:
+                close()  # frees the sequence's row in a batch at once
+
+    def _decode(self, tokens: Iterator[int], request: ChatRequest, done: Completion) -> Iterator[str]:
         decode = self._text_decoder()
         pending = ""  # decoded text held back while it could be the start of a stop string
         hold = max((len(s) for s in request.stop), default=1) - 1
-        for token in self._tokens(prompt_ids, request, seed, max_length):
+        for token in tokens:
             done.completion_tokens += 1
             if token in self.eos_ids:
                 done.finish_reason = "stop"
@@ -66,18 +78,29 @@ class ChatEngine:
     def chat(self, request: ChatRequest) -> dict:
         prompt_ids = self.encode_chat(request.messages)
         response = ChatResponse(self.model_name, len(prompt_ids))
-        for index in range(request.n):
+
+        def choice(index: int) -> Completion:
             completion = Completion()
-            completion.text = "".join(self._deltas(prompt_ids, request, index, completion))
-            response.choices.append(completion)
+            tokens = self._choice_tokens(prompt_ids, request, index)
+            completion.text = "".join(self._deltas(tokens, request, completion))
+            return completion
+
+        # The choices generate together where the engine batches (greedy ones, or sampled without a seed).
+        response.choices.extend(concurrently(choice, list(range(request.n)), request.n))
         return response.to_dict()
 
     def stream(self, request: ChatRequest) -> Iterator[dict]:
+        """Chunks of each choice in turn; the last one carries the usage of the whole answer."""
         prompt_ids = self.encode_chat(request.messages)
         head = ChatResponse(self.model_name, len(prompt_ids))
         for index in range(request.n):
             completion = Completion()
+            tokens = self._choice_tokens(prompt_ids, request, index)  # queued now: a full queue fails here
             yield chunk(head.id, head.created, self.model_name, index, {"role": "assistant", "content": ""})
-            for text in self._deltas(prompt_ids, request, index, completion):
+            for text in self._deltas(tokens, request, completion):
                 yield chunk(head.id, head.created, self.model_name, index, {"content": text})
-            yield chunk(head.id, head.created, self.model_name, index, {}, completion.finish_reason)
+            head.choices.append(completion)
+            last = chunk(head.id, head.created, self.model_name, index, {}, completion.finish_reason)
+            if index == request.n - 1:
+                last["usage"] = head.to_dict()["usage"]
+            yield last

@@ -92,6 +92,17 @@ class Generation(Strict):
     top_k: int = Field(0, ge=0, description="0 means no top-k filter")
 
 
+class Batching(Strict):
+    """How the logged ONNX model batches concurrent generations (onnxruntime-genai models)."""
+
+    max_batch: int = Field(8, ge=1, le=64, description="most sequences generated together; 1 turns batching off")
+    max_queue: int = Field(32, ge=0, le=1024, description="sequences waiting behind a batch; beyond it, HTTP 503")
+    batch_invariant: bool = Field(True, description=(
+        "decode a lone sequence beside a copy of itself, so that every answer is the same under any load "
+        "(onnxruntime's int4/int8 CPU kernels round one row differently from several); false: a lone "
+        "sequence takes the faster one-row kernel and may answer differently from the same request in a batch"))
+
+
 class TransformersSettings(Strict):
     """Where the transformers (PyTorch) flavor of the same model runs for this target."""
 
@@ -114,6 +125,7 @@ class Target(Strict):
     precision: Precision
     builder_options: BuilderOptions = BuilderOptions()
     generation: Generation = Generation()
+    batching: Batching = Batching()
     # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
     transformers: Optional[TransformersSettings] = None
     # How convert_onnx makes the ONNX model; None: genai-builder, unless convert_onnx's `exporter` says otherwise.

@@ -51,8 +51,9 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def translate(body, served_name: str) -> tuple[dict, bool]:
-    """An OpenAI chat-completions body -> (the model's llm/v1/chat request, whether to stream)."""
+def translate(body, served_name: str) -> tuple[dict, bool, bool]:
+    """An OpenAI chat-completions body -> (the model's llm/v1/chat request, whether to stream, whether the
+    stream ends with a usage chunk)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     body = {k: v for k, v in body.items() if v is not None}  # OpenAI treats null as "use the default"
@@ -83,11 +84,13 @@ def translate(body, served_name: str) -> tuple[dict, bool]:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise OpenAIError(400, "'stream_options' may hold only 'include_usage'", param="stream_options")
-    if options.get("include_usage"):
-        # The model's stream carries text, not token counts; a made-up count would be a lie.
-        raise OpenAIError(400, "stream_options.include_usage is not supported: streamed answers carry no token "
-                          "counts; leave it out, or ask without stream for usage", param="stream_options")
-    return request, stream
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise OpenAIError(400, f"'stream_options.include_usage' must be true or false, got {include_usage!r}",
+                          param="stream_options")
+    if include_usage and not stream:
+        raise OpenAIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    return request, stream, include_usage
 
 
 def _model_error(exc: Exception) -> OpenAIError:
@@ -96,6 +99,8 @@ def _model_error(exc: Exception) -> OpenAIError:
 
     if isinstance(exc, MlflowException) and exc.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
         return OpenAIError(400, exc.message)
+    if isinstance(exc, MlflowException) and exc.error_code == "TEMPORARILY_UNAVAILABLE":
+        return OpenAIError(503, exc.message)  # the model's queue is full; clients retry
     return OpenAIError(500, f"the model failed: {type(exc).__name__}: {exc}")
 
 
@@ -161,7 +166,7 @@ class ModelServer:
             body = {"message": reply.text[:500]}
         if reply.status_code != 200:
             message = body.get("message", body) if isinstance(body, dict) else body
-            status = reply.status_code if 400 <= reply.status_code < 500 else 502
+            status = reply.status_code if 400 <= reply.status_code < 500 or reply.status_code == 503 else 502
             raise OpenAIError(status, f"the model server answered {reply.status_code}: {message}")
         # A chat request comes back unwrapped (a list); other inputs come wrapped in "predictions".
         answers = body.get("predictions") if isinstance(body, dict) else body
@@ -198,7 +203,7 @@ def create_app(backend, served_name: str):
             body = json.loads(await http_request.body())
         except ValueError as exc:
             raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
-        request, stream = translate(body, served_name)
+        request, stream, include_usage = translate(body, served_name)
         if not stream:
             response = await run_in_threadpool(backend.complete, request)
             return dict(response, model=served_name)  # OpenAI answers with the model the client named
@@ -207,9 +212,18 @@ def create_app(backend, served_name: str):
 
         def events():
             # Starlette runs this generator in a thread pool, so generation does not block the event loop.
+            usage, head = None, {}
             try:
                 for chunk in itertools.chain([first] if first is not None else [], chunks):
+                    usage = chunk.pop("usage", None) or usage
+                    head = {k: chunk[k] for k in ("id", "object", "created")}
+                    if include_usage:  # OpenAI's shape: null on every chunk, then one chunk with the usage
+                        chunk["usage"] = None
                     yield f"data: {json.dumps(dict(chunk, model=served_name))}\n\n"
+                if include_usage:
+                    if usage is None:
+                        raise OpenAIError(500, "the model's stream ended without token usage")
+                    yield f"data: {json.dumps(dict(head, model=served_name, choices=[], usage=usage))}\n\n"
             except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes in the stream
                 error = exc if isinstance(exc, OpenAIError) else _model_error(exc)
                 yield f"data: {json.dumps(error.body())}\n\n"

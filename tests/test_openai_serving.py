@@ -5,6 +5,7 @@
                          mlflow gateway start (openai provider) -> the loaded server ("gateway")
 """
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -172,12 +173,38 @@ def test_streaming_refusals(servers):
     loaded, forwarded = client(servers, "loaded"), client(servers, "forwarded")
     with pytest.raises(openai.BadRequestError, match="role must be one of"):  # before any chunk: a real 400
         loaded.chat.completions.create(model=served, messages=[{"role": "robot", "content": "hi"}], stream=True)
-    with pytest.raises(openai.BadRequestError, match="include_usage is not supported"):
-        loaded.chat.completions.create(model=served, messages=HELLO, stream=True,
-                                       stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="stream_options is only allowed with stream=true"):
+        loaded.chat.completions.create(model=served, messages=HELLO, stream_options={"include_usage": True})
     with pytest.raises(openai.BadRequestError, match="streaming needs the model loaded in this server"):
         forwarded.chat.completions.create(model=served, messages=HELLO, stream=True)
     assert len(list(loaded.chat.completions.create(model=served, messages=HELLO, max_tokens=3, stream=True))) >= 2
+
+
+def test_streamed_usage_when_asked(servers):
+    api, served = client(servers, "loaded"), servers["served"]
+    whole = api.chat.completions.create(model=served, messages=HELLO, max_tokens=7)
+    chunks = list(api.chat.completions.create(model=served, messages=HELLO, max_tokens=7, stream=True,
+                                              stream_options={"include_usage": True}))
+    *answer, last = chunks
+    assert last.choices == [] and last.usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in answer)
+    assert "".join(c.choices[0].delta.content or "" for c in answer) == whole.choices[0].message.content
+    plain = list(api.chat.completions.create(model=served, messages=HELLO, max_tokens=7, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)
+
+
+def test_concurrent_streams_answer_as_alone(servers):
+    api, served = client(servers, "loaded"), servers["served"]
+    questions = [[{"role": "user", "content": f"Tell me about the number {i}"}] for i in range(8)]
+    alone = [api.chat.completions.create(model=served, messages=q, max_tokens=12).choices[0].message.content
+             for q in questions]
+
+    def streamed(messages):
+        return "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
+            model=served, messages=messages, max_tokens=12, stream=True))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(streamed, questions)) == alone
 
 
 def test_mlflow_gateway_in_front(servers):
@@ -186,6 +213,10 @@ def test_mlflow_gateway_in_front(servers):
     again = api.chat.completions.create(model=served, messages=HELLO, max_tokens=5, temperature=1.0, seed=3)
     assert response.choices[0].message.content == again.choices[0].message.content  # seed passes through
     _usage_is_consistent(response, 5)
+    # The gateway asks the front for streamed usage (stream_options.include_usage).
+    greedy = api.chat.completions.create(model=served, messages=HELLO, max_tokens=6).choices[0].message.content
+    chunks = list(api.chat.completions.create(model=served, messages=HELLO, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == greedy
     # The gateway keeps the 400 but puts the message in FastAPI's `detail`, where the client does not look.
     with pytest.raises(openai.BadRequestError) as raised:
         api.chat.completions.create(model=served, messages=[{"role": "robot", "content": "hi"}])
