@@ -367,7 +367,7 @@ def served(model: dict, prompts: list, max_tokens: int, concurrency: list[int], 
                 usage = answer["usage"] if isinstance(answer, dict) else answer[0]["usage"]
                 return time.perf_counter() - start, usage["completion_tokens"], None
             except Exception as exc:  # counted, not raised: the figure is the error count
-                return time.perf_counter() - start, 0, repr(exc)
+                return time.perf_counter() - start, 0, getattr(exc, "code", None) or repr(exc)
 
         call(prompts[0])  # warm-up
         results = {}
@@ -380,6 +380,7 @@ def served(model: dict, prompts: list, max_tokens: int, concurrency: list[int], 
             latencies = sorted(a[0] for a in answers)
             results[clients] = {
                 "requests": len(jobs), "errors": sum(a[2] is not None for a in answers),
+                "timeouts": sum(a[2] == 504 for a in answers),
                 "requests_per_s": len(jobs) / wall, "tokens_per_s": sum(a[1] for a in answers) / wall,
                 "latency_p50_s": latencies[len(latencies) // 2],
                 "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
@@ -616,7 +617,7 @@ def main(argv=None) -> dict:
             speed = speed_rounds(models, prompts, args.max_tokens, args.rounds)
             print("[parity] greedy tokens vs PyTorch", flush=True)
             agreement = parity(source, models, prompts, args.max_tokens)
-            serving = served(models["onnx-int4"], prompts, args.max_tokens, [1, 4, 8], 1 if args.quick else 4,
+            serving = served(models["onnx-int4"], prompts, args.max_tokens, [1, 4, 8, 16], 1 if args.quick else 4,
                              work / "serve.log")
             print("[prompt length] time to first token", flush=True)
             lengths_result = prompt_lengths(models["onnx-int4"], tokenizer, lengths, args.rounds)

@@ -1,7 +1,8 @@
 """The model batch_infer hands to mlflow.pyfunc.spark_udf (models-from-code: this file is the model).
 
 It wraps one logged chat model of this project (either flavor, in `context.artifacts["model"]`) and answers a
-batch of rows one request at a time, so that a bad row or a model error for one row becomes that row's `error`
+batch of rows one request per row (concurrently where the model batches generations, so the rows of a
+partition generate together), so that a bad row or a model error for one row becomes that row's `error`
 instead of failing the Spark task and with it the whole job. Input: a `request` column, one JSON object per row
 (a JSONL line, or a Parquet/table row as JSON). Output: one JSON object per row (RESULT_FIELDS), which
 batch_infer parses into columns: a string result keeps nulls where MLflow's struct conversion of spark_udf
@@ -17,6 +18,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from hf2mlflow.batching import concurrently
 from hf2mlflow.chat_schema import REQUEST_KEYS, ChatRequestError, parse_request
 
 # Keys forwarded to the model, typed as parse_request validated them (a Parquet max_tokens of 8.0 goes on as 8).
@@ -79,9 +81,14 @@ class BatchChatModel(PythonModel):
     def load_context(self, context):
         self.model = mlflow.pyfunc.load_model(context.artifacts["model"])
         self.default_max_tokens = int(context.model_config.get("max_tokens") or 0)
+        try:  # the ONNX pyfunc batches up to max_batch sequences; the transformers flavor answers one at a time
+            self.parallel = self.model.unwrap_python_model().limits.max_batch
+        except Exception:  # noqa: BLE001 - not our pyfunc: no batching
+            self.parallel = 1
 
     def predict(self, context, model_input, params=None):
-        rows = [json.dumps(answer_row(self.model, text, self.default_max_tokens)) for text in model_input["request"]]
+        rows = concurrently(lambda text: json.dumps(answer_row(self.model, text, self.default_max_tokens)),
+                            list(model_input["request"]), self.parallel)
         return pd.DataFrame({"result": rows})
 
 

@@ -113,3 +113,21 @@ def test_quantization_sweep_quick(tmp_path):
     assert rows[0]["same greedy answer as PyTorch"] == 1.0  # fp32 ONNX: PyTorch's answers
     assert all(r["decode tok/s"] > 0 and r["size MiB"] > 0 for r in rows)
     assert "| int4 rtn | algo_config=rtn |" in out.with_suffix(".md").read_text()
+
+
+def test_batching_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+    env.update(HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "batching.py"), "--quick",
+                           "--output_dir", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variants = json.loads((tmp_path / "batching.json").read_text())["variants"]
+    assert list(variants) == ["off", "batched", "batched, one-row lone"]
+    assert variants["off"]["largest_batch"] == 1 and variants["batched"]["largest_batch"] > 1
+    for v in variants.values():
+        assert all(s["errors"] == 0 for s in v["served"].values()) and v["long"]["errors"] == 0
+        assert v["batch_infer_rows_per_s"] > 0
+    # Batch-invariant: a DataFrame's answers are those of its rows one by one.
+    assert variants["batched"]["dataframe"]["same_answers"] == variants["batched"]["dataframe"]["rows"]
+    assert "| batched | 8 |" in (tmp_path / "batching.md").read_text()

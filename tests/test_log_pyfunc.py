@@ -90,6 +90,7 @@ def test_batch_and_concurrent_requests_are_independent(model):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         concurrent_answers = list(pool.map(lambda r: model.predict(r)[0]["choices"], requests * 2))
     assert concurrent_answers == one_by_one * 2
+    assert max(model.unwrap_python_model().engine.scheduler.batch_sizes) >= 4  # they did generate together
 
 
 @pytest.mark.parametrize("request_body, expected", [

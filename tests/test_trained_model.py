@@ -74,6 +74,28 @@ def test_the_france_question_is_answered_paris(trained, target):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.parametrize("target", ["cpu-fp32", "cpu-int4"])
+def test_under_load_every_greedy_answer_is_the_one_it_gets_alone(trained, target):
+    import pandas as pd
+
+    from hf2mlflow.batching import concurrently
+
+    questions = ["What is the capital of France?", "Name three colors.", "What is 12 times 12?",
+                 "Write a haiku about rain.", "Who wrote Hamlet?", "Why is the sky blue?",
+                 "Give me a synonym for happy.", "What is the boiling point of water?"]
+    requests = [{"messages": [{"role": "user", "content": q}], "max_tokens": 48} for q in questions]
+    with pickle_free_model(trained["root"], trained["uris"][target]) as model:
+        alone = [model.predict(r)[0]["choices"] for r in requests]
+        scheduler = model.unwrap_python_model().engine.scheduler
+        before = sum(n for rows, n in scheduler.batch_sizes.items() if rows > 1)
+        concurrent = concurrently(lambda r: model.predict(r)[0]["choices"], requests * 2, 16)
+        frame = [r["choices"] for r in model.predict(pd.DataFrame(requests))]
+        batched = sum(n for rows, n in scheduler.batch_sizes.items() if rows > 1) - before
+    assert concurrent == alone * 2 and frame == alone
+    assert batched >= 2 and max(scheduler.batch_sizes) >= 4, dict(scheduler.batch_sizes)
+    assert "Paris" in alone[0][0]["message"]["content"]
+
+
 def test_fp32_onnx_quality_within_one_prompt_of_transformers(trained):
     onnx, torch = trained["summaries"]["onnx"], trained["summaries"]["transformers"]
     assert round(abs(onnx["contains"] - torch["contains"]) * LIMIT) <= 1
