@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import QUESTIONS, served  # noqa: E402
+from suite import QUESTIONS, served, update_readme  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -86,6 +86,33 @@ def spark_rows_per_s(uri: str, prompts: list, max_tokens: int, work: Path, rows:
     return summary["rows_per_s"]
 
 
+def step_scaling(onnx_dir: Path, sizes=(1, 2, 4, 6, 8), steps: int = 32) -> dict:
+    """Decode tokens/s of a bare onnxruntime-genai Generator batch of each size (the ceiling batching can reach)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    tokenizer = og.Tokenizer(model)
+    ids = list(tokenizer.encode(tokenizer.apply_chat_template(json.dumps(
+        [{"role": "user", "content": QUESTIONS[0]}]), add_generation_prompt=True)))
+    figures = {}
+    for size in sizes:
+        params = og.GeneratorParams(model)
+        params.set_search_options(batch_size=size, max_length=len(ids) + steps + 1, min_length=len(ids) + steps + 1,
+                                  do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([ids] * size, dtype=np.int32))
+        generator.generate_next_token()  # the prompt
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        step = (time.perf_counter() - start) / steps
+        figures[str(size)] = {"step_ms": 1000 * step, "tokens_per_s": size / step}
+        print(f"[batching] bare Generator, batch of {size}: {1000 * step:.1f} ms a step, "
+              f"{size / step:.1f} tokens/s", flush=True)
+    return figures
+
+
 def batch_sizes(log: Path) -> list[int]:
     return [int(n) for n in re.findall(r"\] (\d+) sequences in one batch", log.read_text())]
 
@@ -112,6 +139,12 @@ def report(r: dict) -> str:
                      f"{long['latency_p95_s']:.1f} | {s['8']['tokens_per_s'] / s['1']['tokens_per_s']:.2f}x | "
                      f"{s['1']['tokens_per_s'] / off_one:.2f}x | {frame['speedup']:.2f}x | "
                      f"{frame['same_answers']}/{frame['rows']} | {v['batch_infer_rows_per_s']:.2f} |")
+    steps = r.get("step_scaling", {})
+    if steps:
+        lines += ["", "| bare onnxruntime-genai Generator, batch of | " + " | ".join(steps) + " |",
+                  "| --- |" + " ---: |" * len(steps),
+                  "| ms a decode step | " + " | ".join(f"{v['step_ms']:.1f}" for v in steps.values()) + " |",
+                  "| tokens/s | " + " | ".join(f"{v['tokens_per_s']:.1f}" for v in steps.values()) + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +154,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--per_client", type=int, default=2)
     parser.add_argument("--output_dir", default=str(RESULTS))
+    parser.add_argument("--update-readme", action="store_true", help="rewrite README's batching section")
+    parser.add_argument("--steps-only", action="store_true", help="only the bare Generator's tokens/s per batch size")
     args = parser.parse_args(argv)
+    if args.quick and args.update_readme:
+        parser.error("--update-readme takes the 4-layer model's figures; leave out --quick")
 
     import os
 
@@ -146,6 +183,12 @@ def main(argv=None) -> dict:
         mlflow.set_tracking_uri(store)
         try:
             models = log_variants(source, work)
+            onnx_dir = next(Path(next(iter(models.values()))["path"]).rglob("genai_config.json")).parent
+            results["step_scaling"] = step_scaling(onnx_dir)
+            if args.steps_only:
+                return results
+            print("[batching] warming Spark up (its first job starts the JVM and the Python workers)", flush=True)
+            spark_rows_per_s(next(iter(models.values()))["uri"], prompts, 4, work, rows=4)
             for name, model in models.items():
                 print(f"[batching] {name}: serving", flush=True)
                 log = work / f"serve-{len(results['variants'])}.log"
@@ -170,8 +213,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "batching.md").write_text(table)
     (out / "batching.json").write_text(json.dumps(results, indent=2))
+    if args.update_readme:
+        update_readme(table, "batching")
     print("\n" + table)
-    print(f"results: {out.resolve()} (batching.md, batching.json), {results['seconds'] / 60:.1f} min")
+    print(f"results: {out.resolve()} (batching.md, batching.json), {results['seconds'] / 60:.1f} min"
+          + ("; README.md updated" if args.update_readme else ""))
     return results
 
 

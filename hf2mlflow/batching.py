@@ -113,7 +113,8 @@ class BatchScheduler:
             with self._ready:
                 while not self._waiting:
                     self._ready.wait()
-            time.sleep(self.limits.gather_seconds)
+            if self.limits.max_batch > 1:
+                time.sleep(self.limits.gather_seconds)
             with self._ready:
                 batch = self._take()
                 self._running = len(batch)
