@@ -118,9 +118,9 @@ def batch_sizes(log: Path) -> list[int]:
 
 
 def report(r: dict) -> str:
-    lines = [f"## Batching ({r['date']}, `{r['command']}`)", "",
-             f"{r['model']}, int4 (cpu-int4), greedy, {r['max_tokens']} new tokens, {r['per_client']} requests per "
-             f"client, `mlflow models serve` with one worker; {r['cores']} cores.", "",
+    lines = [f"Measured {r['date']} with `{r['command']}`: {r['model']}, int4 (cpu-int4), greedy, "
+             f"{r['max_tokens']} new tokens, {r['per_client']} requests per client, `mlflow models serve` with one "
+             f"worker; {r['cores']} cores.", "",
              "| logging | clients | requests/s | tokens/s | p50 s | p95 s | errors | largest batch |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in r["variants"].items():
