@@ -5,9 +5,9 @@ tokens of one sequence; one worker thread takes the waiting sequences that may s
 the engine's `run_batch`, and routes every new token back to its caller as it comes. The batch is static:
 a sequence that arrives while a batch runs waits for the next one.
 
-Sequences share a batch only when the runtime computes each of them as it would alone: the same group
-(greedy, or the same sampling settings without a seed) and room for every row within the context length.
-A seeded sampled sequence always runs alone, so its seed gives the same answer under any load.
+Sequences share a batch only where that cannot change what they generate: the same group (greedy, or the
+same sampling settings without a seed) and room for every row within the context length. A seeded sampled
+sequence always runs alone, so its seed gives the same answer under any load.
 Pure Python: it ships with the logged pyfunc model.
 """
 
