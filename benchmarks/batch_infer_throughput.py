@@ -60,7 +60,7 @@ def write_prompts(path: Path, rows: int) -> None:
 
 
 def run_spark(model_uri: str, prompts: Path, out: Path, args) -> dict:
-    from hf2mlflow.batch_infer import BatchInferArgs, batch_infer
+    from hf2mlflow.batch.step import BatchInferArgs, batch_infer
 
     start = time.perf_counter()
     result = batch_infer(BatchInferArgs(model=model_uri, input=str(prompts), output=str(out),
@@ -76,7 +76,7 @@ def run_spark(model_uri: str, prompts: Path, out: Path, args) -> dict:
 def run_loop(model_uri: str, prompts: Path, args) -> dict:
     import mlflow
 
-    from hf2mlflow.batch_chat_model import answer_row
+    from hf2mlflow.runtime.batch_chat_model import answer_row
 
     lines = prompts.read_text().splitlines()
     start = time.perf_counter()
@@ -126,8 +126,8 @@ def main(argv=None) -> dict:
         import mlflow
         from pyspark.sql import SparkSession
 
-        from hf2mlflow.convert import ConvertArgs, convert
-        from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+        from hf2mlflow.convert.step import ConvertArgs, convert
+        from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         print("[bench] converting and logging tiny-phi3 cpu-int4", flush=True)

@@ -39,11 +39,11 @@ def log_variants(source: Path, work: Path) -> dict:
     import mlflow
     import yaml
 
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     run_id = convert(ConvertArgs(model=str(source), target="cpu-int4"))
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/targets/cpu-int4.yaml").read_text())
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "hf2mlflow/configs/targets/cpu-int4.yaml").read_text())
     models = {}
     for i, (name, batching) in enumerate(VARIANTS.items()):
         target = work / f"cpu-int4-batching-{i}.yaml"
@@ -74,7 +74,7 @@ def dataframe_vs_rows(path: str, prompts: list, max_tokens: int, rows: int = 32)
 
 
 def spark_rows_per_s(uri: str, prompts: list, max_tokens: int, work: Path, rows: int = 32) -> float:
-    from hf2mlflow.batch_infer import BatchInferArgs, batch_infer
+    from hf2mlflow.batch.step import BatchInferArgs, batch_infer
 
     requests = work / f"requests-{time.monotonic_ns()}.jsonl"
     requests.write_text("".join(json.dumps({"id": i, "messages": prompts[i % len(prompts)]}) + "\n"
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     import mlflow
     import psutil
 
-    from hf2mlflow.tiny_models import phi3_mini_shape_path, tiny_model_path
+    from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path
 
     source = tiny_model_path("tiny-phi3") if args.quick else phi3_mini_shape_path(4)
     label = "tiny-phi3" if args.quick else "Phi-3-mini-shaped model, 4 layers"

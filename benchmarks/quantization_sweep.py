@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 
 from hf2mlflow import CONFIGS_DIR  # noqa: E402
-from hf2mlflow.convert import ConvertArgs, convert  # noqa: E402
-from hf2mlflow.evaluate import EvaluateArgs, evaluate  # noqa: E402
-from hf2mlflow.genai_builder import builder_version  # noqa: E402
-from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
-from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers  # noqa: E402
+from hf2mlflow.convert.step import ConvertArgs, convert  # noqa: E402
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate  # noqa: E402
+from hf2mlflow.convert.genai_builder import builder_version  # noqa: E402
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers  # noqa: E402
 
 from suite import update_readme  # noqa: E402
 

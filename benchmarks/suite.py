@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.manifest import folder_bytes  # noqa: E402
+from hf2mlflow.runtime.manifest import folder_bytes  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 # What each --device benchmarks. onnx: the shipped targets converted and logged, the int4 one first (the bare loop,
@@ -142,7 +142,7 @@ class BareGenAIRunner:
 
 def measure(kind: str, path: str, prompts: list, max_tokens: int) -> dict:
     """Load, warm up, then per prompt: time to first token, latency and decode rate. Runs in a fresh process."""
-    from hf2mlflow.eval_worker import peak_rss_bytes
+    from hf2mlflow.evaluate.worker import peak_rss_bytes
 
     start = time.perf_counter()
     runner = BareGenAIRunner(path) if kind == "genai" else PyfuncRunner(path)
@@ -218,9 +218,10 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
     import mlflow
     import yaml
 
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
-    from hf2mlflow.log_transformers import SHORT_DTYPE, LogTransformersArgs, log_transformers
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.contract import SHORT_DTYPE
+    from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 
     models = {}
     for target in DEVICES[device]["onnx"]:
@@ -251,7 +252,7 @@ def conversion_figures(run_id: str, source: Path) -> dict:
     """A convert_onnx run's time, builder peak and output size, and the peak against the checkpoint's size."""
     import mlflow
 
-    from hf2mlflow.memory_plan import checkpoint_size
+    from hf2mlflow.convert.memory_plan import checkpoint_size
 
     run = mlflow.get_run(run_id)
     m = run.data.metrics
@@ -263,8 +264,8 @@ def conversion_figures(run_id: str, source: Path) -> dict:
 
 def full_size_conversion(device: str, source: Path) -> tuple[str, dict]:
     """The int4 conversion of the full-size model (bf16 checkpoint, as published), by the path `auto` picks."""
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.memory_plan import checkpoint_size
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.convert.memory_plan import checkpoint_size
 
     target, layers = DEVICES[device]["onnx"][0], json.loads((source / "config.json").read_text())["num_hidden_layers"]
     print(f"[setup] converting the full-size model ({layers} layers) to {target}", flush=True)
@@ -274,7 +275,7 @@ def full_size_conversion(device: str, source: Path) -> tuple[str, dict]:
 
 def prompt_of_length(tokenizer, tokens: int) -> list[dict]:
     """A user message whose chat prompt is about `tokens` tokens long."""
-    words = (PROJECT_ROOT / "hf2mlflow" / "data" / "tiny_corpus.txt").read_text(encoding="utf-8").split()
+    words = (PROJECT_ROOT / "hf2mlflow" / "sources" / "data" / "tiny_corpus.txt").read_text(encoding="utf-8").split()
 
     def length(n):
         messages = [{"role": "user", "content": " ".join(words[i % len(words)] for i in range(n))}]
@@ -587,8 +588,8 @@ def main(argv=None) -> dict:
     import mlflow
     from transformers import AutoTokenizer
 
-    from hf2mlflow.memory_plan import checkpoint_size
-    from hf2mlflow.tiny_models import phi3_mini_shape_path, tiny_model_path
+    from hf2mlflow.convert.memory_plan import checkpoint_size
+    from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path
 
     if args.quick:
         args.rounds, args.max_tokens = 1, 32  # with fewer, the decode time of tiny-phi3 is within timing noise

@@ -325,6 +325,17 @@ def load_target(name_or_path: str) -> Target:
     return _load_yaml(Target, path)
 
 
+def load_transformers_target(name: str) -> Target:
+    """A target the transformers flavor can run on: one with a `transformers` section."""
+    target = load_target(name)
+    if target.transformers is None:
+        usable = [t for t in shipped("targets") if load_target(t).transformers is not None]
+        raise ConfigError(f"target '{target.name}' ({target.execution_provider}) has no `transformers` section: "
+                          f"PyTorch does not run on {target.execution_provider}. Targets for this flavor: "
+                          f"{', '.join(usable)}")
+    return target
+
+
 def load_dataset_config(name_or_path: str) -> DatasetConfig:
     """A shipped dataset name (configs/datasets/NAME.yaml) or a path to a dataset YAML file."""
     path = _find("datasets", name_or_path)

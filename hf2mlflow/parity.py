@@ -133,7 +133,7 @@ class OptimumModel:
     def __init__(self, path: Path):
         from transformers import AutoTokenizer
 
-        from hf2mlflow.ort_chat import eos_token_ids, load_ort_model
+        from hf2mlflow.runtime.ort_chat import eos_token_ids, load_ort_model
 
         self.model = load_ort_model(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -143,7 +143,7 @@ class OptimumModel:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        from hf2mlflow.ort_chat import generate_tokens, greedy
+        from hf2mlflow.runtime.ort_chat import generate_tokens, greedy
 
         tokens = []
         for token in generate_tokens(self.model, ids, len(ids) + max_new_tokens, greedy):
@@ -153,7 +153,7 @@ class OptimumModel:
         return tokens
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
-        from hf2mlflow.ort_chat import next_token_logits
+        from hf2mlflow.runtime.ort_chat import next_token_logits
 
         return next_token_logits(self.model, ids)
 

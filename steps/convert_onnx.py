@@ -6,7 +6,7 @@ from pathlib import Path
 # Import the package of the project being run (also a `mlflow run <git-url>` clone), not another copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf2mlflow.convert import ConvertArgs, convert  # noqa: E402
+from hf2mlflow.convert.step import ConvertArgs, convert  # noqa: E402
 from hf2mlflow.errors import run_step  # noqa: E402
 
 

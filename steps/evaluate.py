@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.evaluate import EvaluateArgs, evaluate  # noqa: E402
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate  # noqa: E402
 
 
 def main(argv=None) -> str:

@@ -57,8 +57,8 @@ def tracking(tmp_path):
 @pytest.fixture(scope="session")
 def logged(tmp_path_factory):
     """One conversion of tiny-phi3 to cpu-int4 and its registered chat pyfunc, shared by the session."""
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     root = tmp_path_factory.mktemp("pyfunc")
     with local_store(root) as uri:
@@ -70,7 +70,7 @@ def logged(tmp_path_factory):
 @pytest.fixture(scope="session")
 def logged_transformers(logged):
     """tiny-phi3 logged with the transformers flavor (cpu fp32), registered in the same store as `logged`."""
-    from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
+    from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 
     with local_store(logged["root"]):
         return log_transformers(LogTransformersArgs(model="tiny-phi3", target="cpu-fp32"))
@@ -85,8 +85,8 @@ def all_runs(tracking_uri: str):
 @pytest.fixture(scope="session")
 def logged_fp32(logged):
     """tiny-phi3 converted to cpu-fp32 by the builder and its registered chat pyfunc, in the store of `logged`."""
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     with local_store(logged["root"]):
         return log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-fp32"))))
@@ -96,8 +96,8 @@ def logged_fp32(logged):
 def logged_optimum(logged):
     """tiny-gpt2 (an architecture the onnxruntime-genai builder does not support) exported with optimum to
     fp32 ONNX for the CPU and its registered chat pyfunc, in the store of `logged`."""
-    from hf2mlflow.convert import ConvertArgs, convert
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     with local_store(logged["root"]):
         convert_run_id = convert(ConvertArgs(model="tiny-gpt2", target="cpu-fp32", exporter="optimum"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import local_store
-from hf2mlflow.batch_infer import OUTPUT_COLUMNS
+from hf2mlflow.batch.step import OUTPUT_COLUMNS
 from steps.batch_infer import main as batch_infer_main
 
 ROWS = 24

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from hf2mlflow.batching import BatchLimits, BatchScheduler, QueueFull, concurrently
+from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, QueueFull, concurrently
 
 
 class FakeEngine:

@@ -20,7 +20,7 @@ def test_every_shipped_model_loads(name):
 
 @pytest.mark.parametrize("name", shipped("datasets"))
 def test_every_shipped_dataset_loads_with_all_its_examples(name):
-    from hf2mlflow.eval_data import load_dataset
+    from hf2mlflow.datasets import load_dataset
 
     config, examples = load_dataset(name)
     assert config.name == name and len(examples) >= 20

@@ -12,11 +12,11 @@ import pytest
 
 from conftest import all_runs
 from hf2mlflow import PROJECT_ROOT
-from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.genai_builder import BuilderError, supported_architectures
-from hf2mlflow.manifest import verify_manifest
-from hf2mlflow.sources import ModelSourceError
+from hf2mlflow.convert.genai_builder import BuilderError, supported_architectures
+from hf2mlflow.runtime.manifest import verify_manifest
+from hf2mlflow.sources.resolve import ModelSourceError
 
 STEP = str(PROJECT_ROOT / "steps" / "convert_onnx.py")
 

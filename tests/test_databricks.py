@@ -2,7 +2,7 @@
 (tests/databricks_emulator.py: the REST calls MLflow's databricks backend makes, checked against the documented
 shapes, and the submitted job run as a local process) and a real `mlflow server`. Both routes: the classic one
 (this repository's MLproject, a shell command running `mlflow run` on the driver) and the databricks_spark_job
-one (the project written by `python -m hf2mlflow.databricks`, a spark_python_task logging to `databricks`).
+one (the project written by `python -m hf2mlflow.databricks.project`, a spark_python_task logging to `databricks`).
 This proves what MLflow sends and that the project runs from what it uploads; it is not a cluster."""
 
 import json
@@ -16,11 +16,11 @@ import pytest
 
 from databricks_emulator import MLFLOW_BACKEND_KEYS, BadRequest, Workspace, check_submit
 from hf2mlflow import PROJECT_ROOT
-from hf2mlflow.databricks import python_libraries, write_spark_job_project
+from hf2mlflow.databricks.project import python_libraries, write_spark_job_project
 from conftest import copy_working_tree, tracking_server as mlflow_server
 
 TOKEN = "dapi-emulated-token"
-CPU_SPEC = PROJECT_ROOT / "configs" / "databricks" / "cpu.json"
+CPU_SPEC = PROJECT_ROOT / "hf2mlflow" / "configs" / "databricks" / "cpu.json"
 STEP = ["-e", "convert_onnx", "-P", "model=tiny-phi3", "-P", "target=cpu-int4"]
 
 

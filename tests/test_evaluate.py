@@ -8,7 +8,7 @@ import pytest
 
 from conftest import all_runs, local_store
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.evaluate import EvaluateArgs, evaluate
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
 
 LIMIT = 4
 
@@ -94,7 +94,7 @@ def test_bad_dataset_fails_before_any_run(tracking, tmp_path, logged, lines, con
 
 
 def test_bad_models_fail_before_any_run(tracking, tmp_path):
-    from hf2mlflow.convert import ConvertArgs, convert
+    from hf2mlflow.convert.step import ConvertArgs, convert
 
     convert_run = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
     for models, expected in [

@@ -9,7 +9,7 @@ import pytest
 
 from hf2mlflow.config import ModelSpec, load_model
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.gguf_source import GGUFError, fetch_package_file, hf_folder_from_gguf
+from hf2mlflow.sources.gguf import GGUFError, fetch_package_file, hf_folder_from_gguf
 
 MEMBER = "fake_model/weights.gguf"
 

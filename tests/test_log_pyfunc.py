@@ -8,7 +8,7 @@ from mlflow.exceptions import MlflowException
 
 from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.errors import ConfigError, StepError
-from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import yaml
 
 from conftest import HELLO, all_runs, local_store
 from hf2mlflow.errors import ConfigError, StepError
-from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
-from hf2mlflow.tiny_models import tiny_model_path
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
+from hf2mlflow.sources.tiny import tiny_model_path
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ from onnx import numpy_helper
 
 from conftest import all_runs
 from hf2mlflow.config import load_target
-from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.genai_builder import run_builder
-from hf2mlflow.memory_plan import GIB, MemoryBudgetError, CheckpointSize, checkpoint_size, estimate, plan
-from hf2mlflow.tiny_models import tiny_model_path
-from hf2mlflow.validate import validate_genai_model
+from hf2mlflow.convert.genai_builder import run_builder
+from hf2mlflow.convert.memory_plan import GIB, MemoryBudgetError, CheckpointSize, checkpoint_size, estimate, plan
+from hf2mlflow.sources.tiny import tiny_model_path
+from hf2mlflow.convert.validate import validate_genai_model
 
 # The builder computes these with torch's cos, which is not bitwise reproducible between processes here (about
 # one run in three differs by up to 2e-4 at the far positions), whichever path runs it.
@@ -89,11 +89,11 @@ def test_a_conversion_over_budget_fails_before_building(tracking):
 
 
 def test_auto_takes_the_low_memory_path_when_the_standard_would_not_fit(tracking, monkeypatch):
-    import hf2mlflow.memory_plan
+    import hf2mlflow.convert.memory_plan
 
     # tiny-phi3 fits either way: give the standard path an estimate over the budget, as Phi-3-mini's is here.
     estimate_of = hf2mlflow.memory_plan.estimate
-    monkeypatch.setattr(hf2mlflow.memory_plan, "estimate", lambda size, precision: (
+    monkeypatch.setattr(hf2mlflow.convert.memory_plan, "estimate", lambda size, precision: (
         40 * GIB, estimate_of(size, precision)[1]))
     run = mlflow.get_run(convert(ConvertArgs(model="tiny-phi3", target="cpu-int4", memory_budget_gib=24)))
     assert run.info.status == "FINISHED" and run.data.params["builder_path"] == "low"

@@ -1,7 +1,7 @@
 """The official openai client against our models, over real HTTP, through real processes:
 
-`mlflow models serve` <- hf2mlflow.openai_serving --model-server-url ("forwarded": whole answers)
-                         hf2mlflow.openai_serving --model-uri        ("loaded": whole and streamed)
+`mlflow models serve` <- hf2mlflow.serve.openai_front --model-server-url ("forwarded": whole answers)
+                         hf2mlflow.serve.openai_front --model-uri        ("loaded": whole and streamed)
                          mlflow gateway start (openai provider) -> the loaded server ("gateway")
 """
 
@@ -51,7 +51,7 @@ def servers(logged):
     ports = {name: free_port() for name in ("model_server", "forwarded", "loaded", "gateway")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     # The shipped gateway template, pointed at this test's ports.
-    gateway_config = yaml.safe_load((REPO / "configs/gateway/openai-compatible.yaml").read_text())
+    gateway_config = yaml.safe_load((REPO / "hf2mlflow/configs/gateway/openai-compatible.yaml").read_text())
     (endpoint,) = gateway_config["endpoints"]
     endpoint["name"] = endpoint["model"]["name"] = served
     endpoint["model"]["config"]["openai_api_base"] = f"{url['loaded']}/v1"
@@ -59,9 +59,9 @@ def servers(logged):
     commands = {
         "model_server": ["mlflow", "models", "serve", "-m", logged["uri"], "--env-manager", "local",
                          "-h", "127.0.0.1", "-p", str(ports["model_server"]), "-w", "1"],
-        "forwarded": [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-server-url", url["model_server"],
+        "forwarded": [sys.executable, "-m", "hf2mlflow.serve.openai_front", "--model-server-url", url["model_server"],
                       "--served-model-name", served, "--port", str(ports["forwarded"])],
-        "loaded": [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-uri", logged["uri"],
+        "loaded": [sys.executable, "-m", "hf2mlflow.serve.openai_front", "--model-uri", logged["uri"],
                    "--port", str(ports["loaded"])],
         "gateway": ["mlflow", "gateway", "start", "--config-path", str(root / "gateway.yaml"),
                     "--host", "127.0.0.1", "--port", str(ports["gateway"]), "--workers", "1"],
@@ -229,7 +229,7 @@ def test_transformers_flavor_behind_the_same_endpoint(logged, logged_transformer
     env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"])
     processes = []
     try:
-        proc = _start("loaded-transformers", [sys.executable, "-m", "hf2mlflow.openai_serving", "--model-uri",
+        proc = _start("loaded-transformers", [sys.executable, "-m", "hf2mlflow.serve.openai_front", "--model-uri",
                                               logged_transformers, "--port", str(port)], root, env, processes)
         _wait_healthy("loaded-transformers", proc, f"http://127.0.0.1:{port}/health", root, time.time() + 180)
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -11,11 +11,11 @@ from mlflow.exceptions import MlflowException
 
 from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.config import load_target
-from hf2mlflow.convert import ConvertArgs, convert
+from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.genai_builder import BuilderError
-from hf2mlflow.manifest import verify_manifest
-from hf2mlflow.optimum_export import check_precision
+from hf2mlflow.convert.genai_builder import BuilderError
+from hf2mlflow.runtime.manifest import verify_manifest
+from hf2mlflow.convert.optimum_export import check_precision
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,8 @@ def test_target_config_can_choose_optimum(tmp_path):
 def both_routes(logged_optimum, logged_fp32):
     """tiny-phi3 converted to fp32 for the CPU by both routes (the builder's is shared with test_evaluate.py),
     logged, and evaluated side by side."""
-    from hf2mlflow.evaluate import EvaluateArgs, evaluate
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     with local_store(logged_optimum["root"]):
         optimum = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from hf2mlflow import PROJECT_ROOT
-from hf2mlflow.batch_infer import BatchInferArgs
-from hf2mlflow.convert import ConvertArgs
-from hf2mlflow.log_pyfunc import LogPyfuncArgs
-from hf2mlflow.log_transformers import LogTransformersArgs
+from hf2mlflow.batch.step import BatchInferArgs
+from hf2mlflow.convert.step import ConvertArgs
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())

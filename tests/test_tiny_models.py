@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf2mlflow.manifest import build_manifest
-from hf2mlflow.tiny_models import RECIPES, build_tiny_model, tiny_model_path
+from hf2mlflow.runtime.manifest import build_manifest
+from hf2mlflow.sources.tiny import RECIPES, build_tiny_model, tiny_model_path
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, wörld!"}]
 

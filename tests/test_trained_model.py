@@ -12,12 +12,12 @@ import pytest
 
 from conftest import all_runs, local_store, pickle_free_model
 from hf2mlflow.config import load_model
-from hf2mlflow.convert import ConvertArgs, convert
-from hf2mlflow.evaluate import EvaluateArgs, evaluate
-from hf2mlflow.gguf_source import fetch_package_file
-from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
-from hf2mlflow.log_transformers import LogTransformersArgs, log_transformers
-from hf2mlflow.sources import resolve_model
+from hf2mlflow.convert.step import ConvertArgs, convert
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+from hf2mlflow.sources.gguf import fetch_package_file
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
+from hf2mlflow.sources.resolve import resolve_model
 from steps import convert_onnx as convert_step
 
 MODEL = "smollm2-135m-instruct"
@@ -78,7 +78,7 @@ def test_the_france_question_is_answered_paris(trained, target):
 def test_under_load_every_greedy_answer_is_the_one_it_gets_alone(trained, target):
     import pandas as pd
 
-    from hf2mlflow.batching import concurrently
+    from hf2mlflow.runtime.batching import concurrently
 
     questions = ["What is the capital of France?", "Name three colors.", "What is 12 times 12?",
                  "Write a haiku about rain.", "Who wrote Hamlet?", "Why is the sky blue?",
@@ -128,7 +128,7 @@ def test_the_tokenizer_transformers_derives_from_the_gguf_fails_convert(tracking
 
 def test_the_same_weights_as_phi3_give_the_same_logits_and_convert(tracking, tmp_path):
     from hf2mlflow.parity import TorchModel
-    from hf2mlflow.phi3_repack import llama_as_phi3
+    from hf2mlflow.sources.phi3_repack import llama_as_phi3
 
     llama = resolve_model(load_model(MODEL)).path
     phi3 = llama_as_phi3(llama, tmp_path / "smollm2-as-phi3")

@@ -12,10 +12,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import all_runs
-from hf2mlflow.convert import ConvertArgs, convert
-from hf2mlflow.manifest import build_manifest
-from hf2mlflow.tiny_models import tiny_model_path
-from hf2mlflow.validate import ValidationError, fp32_logits_tolerance
+from hf2mlflow.convert.step import ConvertArgs, convert
+from hf2mlflow.runtime.manifest import build_manifest
+from hf2mlflow.sources.tiny import tiny_model_path
+from hf2mlflow.convert.validate import ValidationError, fp32_logits_tolerance
 from steps import convert_onnx as convert_step
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -104,8 +104,8 @@ def test_sliding_window_matches_pytorch_beyond_the_window(tracking, tmp_path):
 
 
 def test_evaluate_flags_a_model_whose_tokenizer_disagrees_with_its_source(tracking, tmp_path):
-    from hf2mlflow.evaluate import EvaluateArgs, evaluate
-    from hf2mlflow.log_pyfunc import LogPyfuncArgs, log_pyfunc
+    from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))))
     (logged,) = mlflow.search_logged_models(output_format="list")  # the pyfunc: this store's only model

@@ -1,0 +1,177 @@
+"""The convert_onnx step: Hugging Face model -> ONNX model, tracked in MLflow.
+
+Two routes: onnxruntime-genai's model builder (the default; an ONNX Runtime GenAI model) and optimum's ONNX
+exporter (plain ONNX with a KV cache, served with onnxruntime) for architectures the builder does not know.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+
+from hf2mlflow.config import load_model, load_target
+from hf2mlflow.contract import CONVERT_STEP, ONNX_ARTIFACT_PATH, TARGET_ARTIFACT, conversion_name, route_for_exporter
+from hf2mlflow.convert.genai_builder import builder_version, check_architecture, run_builder
+from hf2mlflow.runtime.manifest import build_manifest
+from hf2mlflow.convert.memory_plan import GIB, check_options, checkpoint_size, plan
+from hf2mlflow.sources.resolve import resolve_model, source_params
+from hf2mlflow.sources.tiny import home
+from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
+from hf2mlflow.convert.validate import check_genai_files, validate_genai_model, validate_optimum_model
+
+STEP = CONVERT_STEP
+
+
+@dataclass
+class ConvertArgs:
+    model: str = field(default="tiny-phi3", metadata={
+        "help": "configs/models name, model .yaml file, Hugging Face repo id or local model folder"})
+    target: str = field(default="cpu-int4", metadata={"help": "configs/targets name or target .yaml file"})
+    output_name: str = field(default="", metadata={"help": "run name; default MODEL-TARGET"})
+    revision: str = field(default="", metadata={"help": "hub revision (branch, tag or commit); overrides the config"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow code shipped in the model repo to run; overrides the config"})
+    cache_dir: str = field(default="", metadata={"help": "Hugging Face download cache; default HF_HOME"})
+    exporter: str = field(default="", metadata={
+        "help": "genai-builder (onnxruntime-genai's model builder) or optimum (optimum's ONNX export, served with "
+                "onnxruntime: architectures the builder does not support); default: the target's, else genai-builder"})
+    builder_memory: str = field(default="auto", metadata={
+        "help": "genai-builder path: standard (the builder as it is), low (checkpoint dtype, quantized node by "
+                "node: a fraction of the memory, the same model), or auto (standard when its estimate fits the "
+                "memory budget, else low)"})
+    memory_budget_gib: float = field(default=0.0, metadata={
+        "help": "memory the conversion may use, in GiB; 0: the memory available when it starts. A conversion "
+                "whose estimate exceeds it stops before building, saying what it needs"})
+
+
+def convert(args: ConvertArgs) -> str:
+    """Convert, validate and log; returns the run ID. Config errors raise before any run starts."""
+    target = load_target(args.target).with_exporter(args.exporter)
+    check_options(args.builder_memory, args.memory_budget_gib)
+    spec = load_model(args.model).with_overrides(args.revision, args.trust_remote_code)
+    route = route_for_exporter(target.exporter)
+    output_name = args.output_name or conversion_name(spec.name, target.name, route)
+
+    tags = {"model": spec.name, "target": target.name, "exporter": target.exporter,
+            "artifact_format": route.artifact_format}
+    params = {"model": args.model, "target": args.target, "output_name": args.output_name,
+              "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir,
+              "exporter": args.exporter, "builder_memory": args.builder_memory,
+              "memory_budget_gib": args.memory_budget_gib}
+    with step_run(STEP, output_name, tags, params) as run:
+        # The target as built, so later steps need not find its YAML file again (it may be a path of its own).
+        mlflow.log_dict(target.model_dump(mode="json"), TARGET_ARTIFACT)
+        if target.exporter == "optimum":
+            _export_optimum_in_run(spec, target, args.cache_dir)
+        else:
+            _convert_in_run(spec, target, args.cache_dir, args.builder_memory, args.memory_budget_gib)
+    print_run_summary(STEP, run, {"ONNX model": f"runs:/{run.info.run_id}/{ONNX_ARTIFACT_PATH}",
+                                  "artifact location": f"{run.info.artifact_uri}/{ONNX_ARTIFACT_PATH}",
+                                  "next": f"mlflow run . -e log_pyfunc -P convert_run_id={run.info.run_id}"})
+    return run.info.run_id
+
+
+def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_budget_gib: float) -> None:
+    print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
+    resolved = resolve_model(spec, cache_dir)
+    check_architecture(resolved.architecture, spec.name)
+    memory = plan(checkpoint_size(resolved.path), target.precision, builder_memory, memory_budget_gib)
+    log_params_once(memory.params())
+    mlflow.log_metrics(memory.metrics())
+    print(f"[{STEP}] memory: {memory.path} builder, estimated peak {memory.estimated_bytes / GIB:.1f} GiB "
+          f"(standard {memory.standard_bytes / GIB:.1f}, low {memory.low_bytes / GIB:.1f}) within a budget of "
+          f"{memory.budget_bytes / GIB:.1f} GiB")
+    log_params_once({
+        **source_params(resolved),
+        "execution_provider": target.execution_provider,
+        "precision": target.precision,
+        "builder_version": builder_version(),
+        **{f"builder_option.{k}": v for k, v in target.builder_options.model_dump(exclude_none=True).items()},
+    })
+    with _work_dir() as work:
+        out = work / "onnx"
+        print(f"[{STEP}] 2/4 building {target.precision} ONNX for {target.execution_provider} "
+              f"with onnxruntime-genai {builder_version()}")
+        build = run_builder(resolved.path, out, work / "builder-cache", target, spec.trust_remote_code,
+                            low_memory=memory.path == "low")
+        mlflow.log_metrics({"conversion_seconds": build.seconds, "builder_peak_rss_bytes": build.peak_rss_bytes})
+        print(f"[{STEP}] built in {build.seconds:.1f} s, builder peak RSS {build.peak_rss_bytes / 2**20:.0f} MiB")
+
+        print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
+        check_genai_files(out, target.execution_provider)
+        if target.execution_provider == "cpu":
+            # fp32 must reproduce PyTorch's greedy answer; quantized weights may rightly part from it.
+            _log_validation(validate_genai_model(out, source_dir=resolved.path,
+                                                 compare_greedy=target.precision == "fp32"))
+        else:
+            # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
+            mlflow.set_tag("validation", f"graph checked; generation skipped: needs a {target.execution_provider} device")
+            print(f"[{STEP}] graph checked; generation skipped: a {target.execution_provider} model needs that device")
+
+        genai_config = json.loads((out / "genai_config.json").read_text())
+        _log_model_folder(out, genai_config["model"].get("context_length", ""))
+
+
+def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
+    from transformers import AutoConfig
+
+    from hf2mlflow.convert.optimum_export import TASK, optimum_versions, run_export
+    from hf2mlflow.runtime.ort_chat import context_length
+
+    print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
+    resolved = resolve_model(spec, cache_dir)
+    versions = optimum_versions()
+    log_params_once({
+        **source_params(resolved),
+        "execution_provider": target.execution_provider,
+        "precision": target.precision,
+        "export_task": TASK,
+        **versions,
+    })
+    with _work_dir() as work:
+        out = work / "onnx"
+        print(f"[{STEP}] 2/4 exporting {target.precision} ONNX ({TASK}) with optimum {versions['optimum_version']} "
+              f"/ optimum-onnx {versions['optimum_onnx_version']}")
+        export = run_export(resolved.path, out, target.precision, spec.trust_remote_code)
+        mlflow.log_metrics({"conversion_seconds": export.seconds, "export_peak_rss_bytes": export.peak_rss_bytes})
+        print(f"[{STEP}] exported in {export.seconds:.1f} s, exporter peak RSS {export.peak_rss_bytes / 2**20:.0f} MiB")
+
+        # The graph names no execution provider, so the CPU can check a model meant for a GPU as well.
+        print(f"[{STEP}] 3/4 validating: load with onnxruntime (optimum's ORTModelForCausalLM, CPU) and generate")
+        _log_validation(validate_optimum_model(out, resolved.path))
+        _log_model_folder(out, context_length(AutoConfig.from_pretrained(out,
+                                                                         trust_remote_code=spec.trust_remote_code)))
+
+
+@contextlib.contextmanager
+def _work_dir():
+    """A scratch folder beside the built-in models (the same disk as the cache), removed afterwards."""
+    root = home() / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STEP}-", dir=root) as work:
+        yield Path(work)
+
+
+def _log_validation(check) -> None:
+    mlflow.log_dict(check.to_dict(), "validation.json")
+    mlflow.log_metrics({"validation_seconds": check.seconds,
+                        "validation_new_tokens": len(check.new_tokens),
+                        "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
+    print(f"[{STEP}] tokenizer agrees with transformers; generated {len(check.new_tokens)} tokens: {check.text!r}"
+          + (" (the same greedy tokens as PyTorch)" if check.reference_tokens is not None else ""))
+
+
+def _log_model_folder(out: Path, context_length) -> None:
+    print(f"[{STEP}] 4/4 logging artifacts")
+    manifest = build_manifest(out)
+    mlflow.log_metric("artifact_bytes", manifest["total_bytes"])
+    log_params_once({"context_length": context_length})
+    mlflow.log_dict(manifest, "manifest.json")
+    mlflow.log_artifacts(str(out), ONNX_ARTIFACT_PATH)
+    shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""Check a converted model the way a user will use it: load, chat template, generate."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from hf2mlflow.errors import StepError
+
+VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+WHERE = "the converted model"  # the folder is scratch space, gone when the step ends
+
+
+def check_genai_files(model_dir: Path, execution_provider: str) -> None:
+    """Without running it: genai_config.json names this provider, and the graph has the inputs,
+    outputs and per-layer KV cache that genai_config.json promises."""
+    import onnx
+
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    providers = [name for opts in decoder.get("session_options", {}).get("provider_options", []) for name in opts]
+    if execution_provider != "cpu" and execution_provider not in providers:
+        raise ValueError(f"{model_dir}/genai_config.json: provider_options name {providers or 'no provider'}, "
+                         f"expected '{execution_provider}'")
+    graph = onnx.load(str(model_dir / decoder["filename"]), load_external_data=False).graph
+    have = {v.name for v in graph.input} | {v.name for v in graph.output}
+    layers = range(decoder["num_hidden_layers"])
+    wanted = [decoder["inputs"]["input_ids"], decoder["outputs"]["logits"]]
+    for key in ("past_key_names", "past_value_names"):
+        wanted += [decoder["inputs"][key] % i for i in layers]
+    for key in ("present_key_names", "present_value_names"):
+        wanted += [decoder["outputs"][key] % i for i in layers]
+    missing = [name for name in wanted if name not in have]
+    if missing:
+        raise ValueError(f"{model_dir}/{decoder['filename']}: graph lacks {', '.join(missing[:6])} "
+                         f"that genai_config.json names")
+
+
+class ValidationError(StepError):
+    """The converted model does not behave as its source does: the step fails rather than log it."""
+
+
+# Texts whose ids both runtimes must turn back into the same text: spaces (byte-level), digits, accents,
+# CJK, emoji, tabs and blank lines.
+DECODE_PROBES = (" Paris is nice", "3.14159 and 1,000 apples", "Ünïcødé — “quotes” 日本語 🙂",
+                 "don't\n\n  indented\tdone")
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    prompt: str
+    prompt_tokens: int
+    tokenizer_matches_transformers: bool
+    new_tokens: list[int]
+    text: str
+    seconds: float
+    # fp32 targets: the source model's greedy tokens in PyTorch on the same prompt ids (asserted equal).
+    reference_tokens: Optional[list[int]] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fp32_logits_tolerance(reference) -> float:
+    """What float32 rounding explains between two implementations of the same graph: measured differences of
+    correct conversions here are 1e-6 to 4e-5 (logits up to about 30)."""
+    return 1e-3 + 1e-4 * float(np.max(np.abs(reference)))
+
+
+def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, decode, where: str) -> None:
+    """Fail, naming the first offending token, when onnxruntime-genai's ids for the prompt fall outside the
+    vocabulary or differ from transformers'."""
+    outside = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
+    if outside:
+        position, token = outside[0]
+        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer gives id {token} at position {position} "
+                              f"of the validation chat prompt, outside the vocabulary (0..{vocab_size - 1}); "
+                              f"{len(outside)} of {len(ids)} ids are outside. Its tokenizer files are not ones "
+                              f"onnxruntime-genai reads as transformers does")
+    if ids != reference:
+        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer disagrees with transformers' on the "
+                              f"validation chat prompt: {first_difference(reference, ids, decode, 'transformers', 'onnxruntime-genai')}")
+
+
+def first_difference(expected: list[int], got: list[int], decode, expected_name: str, got_name: str) -> str:
+    """Where two token sequences part, with the tokens' text, in words."""
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a != b:
+            return (f"first differing token at position {i}: {expected_name} {a} ({decode([a])!r}), "
+                    f"{got_name} {b} ({decode([b])!r})")
+    longer, name = (expected, expected_name) if len(expected) > len(got) else (got, got_name)
+    i = min(len(expected), len(got))
+    return (f"the sequences agree for {i} tokens, then only {name} goes on: "
+            f"{longer[i]} ({decode([longer[i]])!r}); lengths {len(expected)} and {len(got)}")
+
+
+def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: Optional[Path] = None,
+                         compare_greedy: bool = False) -> ValidationResult:
+    """Greedy-generate from a chat prompt made with the tokenizer's own chat template. Fails (ValidationError)
+    when onnxruntime-genai cannot load the model, when its tokenizer turns the prompt into other ids than
+    transformers' tokenizer of `source_dir` (default: the model folder's) or gives ids outside the
+    vocabulary, when it decodes ids to other text, and, with `compare_greedy` (fp32), when its greedy answer
+    differs from the source model's in PyTorch."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    hf_tokenizer = AutoTokenizer.from_pretrained(source_dir or model_dir)
+    if not hf_tokenizer.chat_template:
+        raise ValueError(f"{source_dir or model_dir}: the tokenizer has no chat template, so the model cannot chat")
+    prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
+    from hf2mlflow.parity import GenAIModel
+
+    try:
+        candidate = GenAIModel(model_dir)
+    except RuntimeError as exc:
+        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
+                              f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
+                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
+                              f"otherwise try another precision or -P exporter=optimum") from None
+    model, tokenizer = candidate.model, candidate.tokenizer
+    ids = candidate.encode(prompt)
+    if not ids:
+        raise ValidationError(f"{WHERE}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
+    reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    decode = hf_tokenizer.decode
+    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, WHERE)
+    for text in DECODE_PROBES:
+        probe = list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+        theirs, ours = hf_tokenizer.decode(probe, skip_special_tokens=True), tokenizer.decode(probe)
+        if theirs != ours:
+            raise ValidationError(f"{WHERE}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
+                                  f"transformers as {theirs!r}")
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    new_tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        new_tokens.append(int(generator.get_next_tokens()[0]))
+    if not new_tokens:
+        raise ValidationError(f"{WHERE}: the model generated no tokens")
+    reference_tokens = None
+    if compare_greedy:
+        from hf2mlflow.parity import TorchModel, without_eos
+
+        torch_model = TorchModel.from_folder(source_dir or model_dir)
+        reference_tokens = torch_model.greedy(ids, max_new_tokens)
+        eos = torch_model.eos_ids
+        if without_eos(new_tokens, eos) != reference_tokens:
+            raise ValidationError(
+                f"{WHERE}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
+                f"{first_difference(reference_tokens, without_eos(new_tokens, eos), decode, 'PyTorch', 'ONNX')} "
+                f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {tokenizer.decode(new_tokens)!r})")
+        # Equal greedy tokens can hide a wrong graph (a small model's logits are close together or far apart
+        # by chance); fp32 logits agree to float rounding when the graph computes what PyTorch does.
+        expected, got = torch_model.next_logits(ids), candidate.next_logits(ids)
+        diff, allowed = float(np.max(np.abs(expected - got))), fp32_logits_tolerance(expected)
+        if diff > allowed:
+            worst = int(np.argmax(np.abs(expected - got)))
+            raise ValidationError(
+                f"{WHERE}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
+                f"(allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
+                f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
+                f"model's config.json asks of PyTorch; check settings the builder may not support "
+                f"(rope_scaling, sliding_window, biases)")
+    return ValidationResult(prompt, len(ids), True, new_tokens, tokenizer.decode(new_tokens),
+                            time.perf_counter() - start, reference_tokens)
+
+
+def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: int = 8) -> ValidationResult:
+    """The same check for an optimum export, run as the pyfunc runs it (onnxruntime through optimum's
+    ORTModelForCausalLM, on the CPU). Its tokenizer is a copy of the source model's; the step fails when the
+    copy encodes the prompt otherwise than the source tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from hf2mlflow.runtime.ort_chat import eos_token_ids, generate_tokens, greedy, load_ort_model
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template, so the model cannot chat")
+    prompt = tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"{model_dir}: the tokenizer encoded the prompt to no tokens")
+    reference = list(AutoTokenizer.from_pretrained(source_dir)(prompt, add_special_tokens=False)["input_ids"])
+    model = load_ort_model(model_dir)
+    eos = eos_token_ids(model, tokenizer)
+    new_tokens: list[int] = []
+    for token in generate_tokens(model, ids, len(ids) + max_new_tokens, greedy):
+        new_tokens.append(token)
+        if token in eos:
+            break
+    check_prompt_ids(ids, reference, int(model.config.vocab_size), tokenizer.decode, str(model_dir))
+    return ValidationResult(prompt, len(ids), True, new_tokens,
+                            tokenizer.decode(new_tokens, skip_special_tokens=True), time.perf_counter() - start)

@@ -1,0 +1,208 @@
+"""The evaluate step: quality, conversion parity and speed of logged chat models, side by side, in one run."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from hf2mlflow.datasets import Example, load_dataset
+from hf2mlflow.logged_models import EvalModel, resolve_all
+from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.runtime.manifest import folder_bytes
+from hf2mlflow.evaluate.scoring import genai_scorers
+from hf2mlflow.tracking import print_run_summary, step_run
+
+STEP = "evaluate"
+SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "contains", "parity_identical_rate",
+                   "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50", "latency_s_p95", "load_s",
+                   "peak_rss_mib", "size_mib", "flag"]
+
+
+@dataclass
+class EvaluateArgs:
+    models: str = field(metadata={"help": "comma-separated run IDs (log_pyfunc / log_transformers runs) or model "
+                                          "URIs (models:/name@alias, models:/name/version, runs:/id/model)"})
+    dataset: str = field(default="capitals-and-facts", metadata={
+        "help": "configs/datasets name or dataset .yaml file (JSONL of messages + reference)"})
+    max_new_tokens: int = field(default=0, metadata={"help": "new tokens per answer; 0: the dataset's setting"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N examples; 0: all"})
+    parity: bool = field(default=True, metadata={
+        "help": "compare greedy tokens (and fp32/fp16 logits) with the source Hugging Face model in PyTorch"})
+
+
+def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
+    from hf2mlflow.evaluate.worker import measure
+
+    # A fresh process per model: its load time and peak RSS are its own, and nothing it loads stays behind.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(measure, str(model_dir), label, requests).result()
+        except Exception as exc:
+            raise StepError(f"model '{label}' failed while answering: {type(exc).__name__}: {exc}") from None
+
+
+def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int, references: dict):
+    from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel, compare
+    from hf2mlflow.sources.resolve import resolve_model
+
+    key = model.source.model_dump_json(exclude={"name", "description"})
+    if key not in references:
+        resolved = resolve_model(model.source)
+        references[key] = TorchModel.from_folder(resolved.path, model.source.trust_remote_code)
+    if model.flavor == "onnx":
+        (genai_config,) = model_dir.rglob("genai_config.json")
+        candidate = GenAIModel(genai_config.parent)
+    elif model.flavor == "optimum-onnx":
+        (graph,) = model_dir.rglob("model.onnx")
+        candidate = OptimumModel(graph.parent)
+    else:
+        pipeline = mlflow.transformers.load_model(str(model_dir))
+        candidate = TorchModel(pipeline.model, pipeline.tokenizer)
+    with_logits = model.precision in ("fp32", "fp16")
+    return compare(references[key], candidate, [e.messages for e in examples], max_new_tokens, with_logits)
+
+
+def _quality(model: EvalModel, examples: list[Example], answers: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Scores through mlflow.genai.evaluate (per-row assessments in a nested run), one column per metric."""
+    data = [{"inputs": {"messages": e.messages}, "outputs": a, "expectations": {"expected_response": e.reference}}
+            for e, a in zip(examples, answers)]
+    with mlflow.start_run(run_name=f"{STEP}-{model.name}", nested=True):
+        mlflow.set_tags({"step": f"{STEP}.quality", "model_uri": model.uri})
+        result = mlflow.genai.evaluate(data=data, scorers=genai_scorers(metrics))
+    frame = result.result_df
+    return pd.DataFrame({m: frame[f"{m}/value"].astype(float).to_numpy() for m in metrics})
+
+
+def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, references, work):
+    model_dir = Path(mlflow.artifacts.download_artifacts(model.uri, dst_path=str(work / model.name)))
+    requests = [{"messages": e.messages, "max_tokens": max_new_tokens} for e in examples]
+    speed = _measure(model_dir, model.name, requests)
+    rows = pd.DataFrame(speed["rows"])
+    scores = _quality(model, examples, rows["answer"].tolist(), config.metrics)
+    per_prompt = pd.concat([pd.DataFrame({"model": model.name, "id": [e.id for e in examples],
+                                          "question": [e.messages[-1]["content"] for e in examples],
+                                          "reference": [e.reference for e in examples]}), rows, scores], axis=1)
+    decode_seconds = (rows["latency_s"] - rows["ttft_s"]).clip(lower=1e-9)
+    decoded = (rows["completion_tokens"] - 1).clip(lower=0)
+    summary = {
+        "model": model.name, "flavor": model.flavor, "precision": model.precision, "uri": model.uri,
+        **{m: float(scores[m].mean()) for m in config.metrics},
+        "ttft_ms_p50": 1000 * float(rows["ttft_s"].median()),
+        "decode_tokens_per_s": float(decoded.sum() / decode_seconds[decoded > 0].sum()) if decoded.sum() else 0.0,
+        "latency_s_p50": float(np.percentile(rows["latency_s"], 50)),
+        "latency_s_p95": float(np.percentile(rows["latency_s"], 95)),
+        "load_s": speed["load_seconds"], "peak_rss_mib": speed["peak_rss_bytes"] / 2**20,
+        "size_mib": folder_bytes(model_dir) / 2**20, "ttft_method": speed["ttft_method"], "flag": "",
+    }
+    if parity:
+        from hf2mlflow.parity import summarize
+
+        print(f"[{STEP}] {model.name}: parity with the source model in PyTorch float32")
+        results = _parity(model, model_dir, examples, max_new_tokens, references)
+        summary.update(summarize(results))
+        per_prompt["first_divergence"] = [r.first_divergence for r in results]
+        per_prompt["tokenizer_agrees"] = [r.tokenizer_agrees for r in results]
+        flags = []
+        if summary["tokenizer_agreement_rate"] < 1.0:
+            disagree = sum(not r.tokenizer_agrees for r in results)
+            flags.append(f"tokenizer disagrees with the source model's on {disagree} of {len(results)} prompts: "
+                         f"its answers are to other text than was asked")
+        if summary["parity_identical_rate"] < config.min_token_agreement:
+            flags.append(f"diverges: {summary['parity_identical_rate']:.0%} of prompts identical "
+                         f"< {config.min_token_agreement:.0%}")
+        summary["flag"] = "; ".join(flags)
+        for flag in flags:
+            print(f"[{STEP}] WARNING {model.name}: {flag}")
+    return summary, per_prompt
+
+
+def _chart(table: pd.DataFrame, quality: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in table.iterrows():
+        ax.scatter(row["decode_tokens_per_s"], row[quality], s=60)
+        ax.annotate(row["model"], (row["decode_tokens_per_s"], row[quality]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")  # flavors and precisions differ by orders of magnitude in speed
+    ax.set_xlabel("decode tokens/s, log scale (higher is faster)")
+    ax.set_ylabel(f"{quality} (higher is better)")
+    ax.set_title("Speed against quality")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_table(table: pd.DataFrame) -> None:
+    columns = [c for c in SUMMARY_COLUMNS if c in table.columns]
+    print(f"\n[{STEP}] summary")
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+def _print_answers(prompts: pd.DataFrame, shown: int = 5) -> None:
+    """The first answers of every model, so the numbers above come with what they measure."""
+    print(f"\n[{STEP}] answers (first {shown} prompts; all in per_prompt_outputs.json)")
+    for question_id in list(dict.fromkeys(prompts["id"]))[:shown]:
+        rows = prompts[prompts["id"] == question_id]
+        print(f"  {rows['question'].iloc[0]}  (reference: {rows['reference'].iloc[0]})")
+        for _, row in rows.iterrows():
+            answer = " ".join(str(row["answer"]).split())
+            print(f"    {row['model']}: {answer[:120]}{'...' if len(answer) > 120 else ''}")
+
+
+def evaluate(args: EvaluateArgs) -> str:
+    """Validate every input, then evaluate each model; returns the evaluation run ID."""
+    if args.max_new_tokens < 0 or args.limit < 0:
+        raise ConfigError("max_new_tokens and limit must be 0 (the default) or positive")
+    config, examples = load_dataset(args.dataset)
+    examples = examples[:args.limit] if args.limit else examples
+    models = resolve_all(args.models)
+    max_new_tokens = args.max_new_tokens or config.max_new_tokens
+    # The local SQL store's connection pool cannot take mlflow.genai's default 10 threads exporting traces.
+    os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+
+    tags = {"dataset": config.name, **{f"model.{m.name}.uri": m.uri for m in models},
+            **{f"model.{m.name}.run_id": m.logged_by_run for m in models}}
+    params = {"models": args.models, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens,
+              "limit": args.limit, "parity": args.parity}
+    with step_run(STEP, f"{STEP}-{config.name}", tags, params) as run:
+        mlflow.log_params({"examples": len(examples), "effective_max_new_tokens": max_new_tokens})
+        summaries, per_prompt, references = [], [], {}
+        with tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
+            for i, model in enumerate(models, start=1):
+                print(f"[{STEP}] {i}/{len(models)} {model.name} ({model.uri})")
+                summary, rows = _evaluate_model(model, examples, config, max_new_tokens, args.parity, references,
+                                                Path(work))
+                summaries.append(summary)
+                per_prompt.append(rows)
+                mlflow.log_metrics({f"{model.name}.{k}": v for k, v in summary.items()
+                                    if isinstance(v, float) and np.isfinite(v)})
+        table = pd.DataFrame(summaries)
+        prompts = pd.concat(per_prompt, ignore_index=True)
+        with tempfile.TemporaryDirectory() as out:
+            out = Path(out)
+            table.to_csv(out / "comparison.csv", index=False)
+            (out / "comparison.json").write_text(json.dumps(summaries, indent=2))
+            _chart(table, "rouge_l" if "rouge_l" in table else config.metrics[0], out / "speed_vs_quality.png")
+            mlflow.log_artifacts(str(out))
+        mlflow.log_table(table, "comparison_table.json")
+        mlflow.log_table(prompts, "per_prompt_outputs.json")
+    _print_answers(prompts)
+    _print_table(table)
+    print_run_summary(STEP, run, {"comparison": f"{run.info.artifact_uri}/comparison.csv",
+                                  "chart": f"{run.info.artifact_uri}/speed_vs_quality.png"})
+    return run.info.run_id

@@ -1,0 +1,139 @@
+"""The log_pyfunc step: a conversion run's ONNX model -> registered pyfunc chat model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from hf2mlflow.runtime import RUNTIME_DIR, runtime_code_path
+from hf2mlflow.config import Target, load_target
+from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT, ONNX_ARTIFACT_PATH,
+                                ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX, onnx_registered_name,
+                                genai_version, route_for_format)
+from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.runtime.manifest import verify_manifest
+from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
+
+STEP = LOG_PYFUNC_STEP
+# The model is its runtime package: models-from-code, with only hf2mlflow/runtime as its code path.
+MODEL_CODE = RUNTIME_DIR / "onnx_chat_pyfunc.py"
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
+PROMPT_EXAMPLE = {"prompt": "What is the capital of France?"}
+
+
+@dataclass
+class LogPyfuncArgs:
+    convert_run_id: str = field(metadata={"help": "run ID of a FINISHED convert_onnx run"})
+    target: str = field(default="", metadata={
+        "help": "target config for generation defaults; default: the conversion's target (same provider/precision)"})
+    registered_model_name: str = field(default="", metadata={
+        "help": "Model Registry name; default MODEL-TARGET-onnx (MODEL-TARGET-optimum-onnx for optimum exports)"})
+    alias: str = field(default="candidate", metadata={"help": "alias set on the new registered version"})
+    interface: str = field(default="chat", metadata={
+        "help": "chat: OpenAI chat-completions schema; prompt: the seed notebook's {prompt: string} -> string"})
+
+
+def requirements(execution_provider: str, artifact_format: str = "onnxruntime-genai") -> list[str]:
+    """What inference needs. onnxruntime-genai models: no torch, no transformers. Optimum exports: onnxruntime
+    through optimum's ORTModelForCausalLM, which speaks torch tensors, and the Hugging Face tokenizer (pinned
+    like log_transformers' requirements: no torch local label, the CPU wheel index for CPU targets)."""
+    version = importlib.metadata.version
+    if artifact_format == OPTIMUM_ROUTE.artifact_format:
+        pins = [f"mlflow=={version('mlflow')}", f"optimum=={version('optimum')}",
+                f"optimum-onnx=={version('optimum-onnx')}",
+                f"{ORT_PACKAGE[execution_provider]}=={version('onnxruntime')}",
+                f"transformers=={version('transformers')}", f"tokenizers=={version('tokenizers')}",
+                f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
+        return ([TORCH_CPU_INDEX] if execution_provider == "cpu" else []) + pins
+    runtime = GENAI_PACKAGE[execution_provider]
+    # onnxruntime-genai-directml has no 0.15 release; 0.14.1 is its newest.
+    runtime_version = "0.14.1" if execution_provider == "dml" else genai_version()
+    return [f"mlflow=={version('mlflow')}", f"{runtime}=={runtime_version}", f"numpy=={version('numpy')}"]
+
+
+def signature(interface: str) -> ModelSignature:
+    if interface == "prompt":
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]))
+    return ModelSignature(inputs=CHAT_MODEL_INPUT_SCHEMA, outputs=CHAT_MODEL_OUTPUT_SCHEMA,
+                          params=ParamSchema([ParamSpec("seed", "long", -1)]))
+
+
+
+def _conversion_run(run_id: str):
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise StepError(f"convert_run_id '{run_id}': no such run at tracking URI {mlflow.get_tracking_uri()}; give "
+                        f"the run ID of a FINISHED {CONVERT_STEP} run there") from None
+    step = run.data.tags.get("step") or run.data.tags.get("mlflow.project.entryPoint") or "not a step run"
+    if step != CONVERT_STEP:
+        raise StepError(f"convert_run_id '{run_id}' is a {step} run, not a {CONVERT_STEP} run")
+    if run.info.status != "FINISHED":
+        raise StepError(f"convert_run_id '{run_id}' is a {CONVERT_STEP} run in status {run.info.status}; "
+                        f"only FINISHED conversions can be logged")
+    return run
+
+
+def log_pyfunc(args: LogPyfuncArgs) -> str:
+    """Log and register the pyfunc; returns the `models:/name@alias` URI."""
+    if args.interface not in ("chat", "prompt"):
+        raise ConfigError(f"interface '{args.interface}' is not allowed; allowed: chat, prompt")
+    check_alias(args.alias)
+    source = _conversion_run(args.convert_run_id)
+    built = Target.model_validate(mlflow.artifacts.load_dict(f"runs:/{args.convert_run_id}/{TARGET_ARTIFACT}"))
+    target = load_target(args.target) if args.target else built
+    if (target.execution_provider, target.precision) != (built.execution_provider, built.precision):
+        raise ConfigError(f"target '{target.name}' is {target.precision} on {target.execution_provider}, but run "
+                          f"{args.convert_run_id} built {built.precision} for {built.execution_provider}; "
+                          f"convert again for that target")
+    model_name = source.data.tags["model"]
+    route = route_for_format(source.data.tags.get("artifact_format"))
+    artifact_format = route.artifact_format
+    registered = args.registered_model_name or onnx_registered_name(model_name, built.name, route)
+
+    with tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
+        print(f"[{STEP}] 1/2 downloading the ONNX model of run {args.convert_run_id}")
+        onnx_dir = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path=ONNX_ARTIFACT_PATH,
+                                                       dst_path=work)
+        manifest = mlflow.artifacts.download_artifacts(run_id=args.convert_run_id, artifact_path=MANIFEST_ARTIFACT,
+                                                       dst_path=work)
+        problems = verify_manifest(Path(onnx_dir), json.loads(Path(manifest).read_text()))
+        if problems:
+            raise StepError(f"run {args.convert_run_id}: artifacts do not match its manifest: {'; '.join(problems)}")
+
+        tags = {"convert_run_id": args.convert_run_id, "model": model_name, "target": target.name,
+                "interface": args.interface, "artifact_format": artifact_format}
+        params = {"convert_run_id": args.convert_run_id, "target": args.target,
+                  "registered_model_name": args.registered_model_name, "alias": args.alias,
+                  "interface": args.interface}
+        with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
+            print(f"[{STEP}] 2/2 logging the pyfunc model (models-from-code) and registering '{registered}'")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"onnx": onnx_dir, "manifest": manifest},
+                code_paths=[runtime_code_path(Path(work))],
+                model_config={"model_name": model_name, "interface": args.interface,
+                              "generation": target.generation.model_dump(), "batching": target.batching.model_dump(),
+                              "artifact_format": artifact_format,
+                              "execution_provider": target.execution_provider},
+                signature=signature(args.interface),
+                input_example=PROMPT_EXAMPLE if args.interface == "prompt" else CHAT_EXAMPLE,
+                pip_requirements=requirements(target.execution_provider, artifact_format),
+                metadata={"source_run_id": args.convert_run_id, "model": model_name, "target": target.name,
+                          "execution_provider": target.execution_provider, "precision": target.precision,
+                          "artifact_format": artifact_format},
+                registered_model_name=registered,
+            )
+            uri = set_alias(STEP, info, registered, args.alias)
+    print_model_summary(STEP, run, info, uri)
+    return uri

@@ -1,0 +1,114 @@
+"""The logged pyfunc model (models-from-code: this file is the model, nothing is pickled).
+
+Loaded by MLflow with `context.artifacts` (the ONNX folder and its manifest) and
+`context.model_config` (model name, generation defaults, interface, batching limits, and the conversion's
+artifact_format, which picks the engine: onnxruntime-genai for the builder's models, onnxruntime through
+optimum for optimum's exports; both answer alike). Concurrent calls, a DataFrame's rows and a request's
+choices generate together in batches where the engine batches (onnxruntime-genai).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.pyfunc import PythonModel
+
+from hf2mlflow.runtime.batching import BatchLimits, QueueFull, concurrently
+from hf2mlflow.runtime.chat_schema import ChatRequestError, parse_request
+from hf2mlflow.runtime.manifest import verify_manifest
+
+
+def _rows(model_input) -> list[dict]:
+    if hasattr(model_input, "to_dict"):  # a DataFrame: one request per row
+        return model_input.to_dict(orient="records")
+    if isinstance(model_input, dict):
+        return [model_input]
+    return list(model_input)
+
+
+def _bad_request(exc: Exception) -> MlflowException:
+    # INVALID_PARAMETER_VALUE is served as HTTP 400 by `mlflow models serve`.
+    return MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE)
+
+
+def _busy(exc: QueueFull) -> MlflowException:
+    # TEMPORARILY_UNAVAILABLE is served as HTTP 503: the client may retry, unlike the scoring server's 504.
+    return MlflowException(f"the model is busy: {exc}; retry later", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def _engine(artifact_format: str, model_dir: Path, config: dict, limits: BatchLimits):
+    # Imported here: each engine's runtime is installed only where a model of its format is logged.
+    if artifact_format == "onnxruntime-genai":
+        from hf2mlflow.runtime.genai_chat import GenAIChatEngine
+
+        return GenAIChatEngine(model_dir, config["model_name"], limits,
+                               bool(config.get("batching", {}).get("batch_invariant", True)))
+    if artifact_format == "optimum-onnx":
+        from hf2mlflow.runtime.ort_chat import OrtChatEngine
+
+        return OrtChatEngine(model_dir, config["model_name"], config.get("execution_provider", "cpu"))
+    raise MlflowException(f"model_config artifact_format '{artifact_format}' is not served by this model; "
+                          f"allowed: onnxruntime-genai, optimum-onnx")
+
+
+class OnnxChatModel(PythonModel):
+    def load_context(self, context):
+        config = context.model_config
+        model_dir = Path(context.artifacts["onnx"])
+        manifest = json.loads(Path(context.artifacts["manifest"]).read_text())
+        problems = verify_manifest(model_dir, manifest)
+        if problems:
+            raise MlflowException(f"the ONNX artifacts do not match the conversion manifest: {'; '.join(problems)}")
+        self.defaults = config["generation"]
+        self.interface = config["interface"]
+        batching = config.get("batching", {})
+        self.limits = BatchLimits(max_batch=int(batching.get("max_batch", BatchLimits.max_batch)),
+                                  max_queue=int(batching.get("max_queue", BatchLimits.max_queue)))
+        self.engine = _engine(config.get("artifact_format", "onnxruntime-genai"), model_dir, config, self.limits)
+        if config.get("artifact_format", "onnxruntime-genai") == "onnxruntime-genai":
+            print(f"[batching] up to {self.limits.max_batch} sequences generate together, {self.limits.max_queue} "
+                  f"more wait, beyond that requests get 503", file=sys.stderr, flush=True)
+
+    def _request(self, row: dict, params):
+        if self.interface == "prompt":
+            prompt = row.get("prompt")
+            row = {"messages": [{"role": "user", "content": prompt}]}
+        try:
+            return parse_request(row, self.defaults, params)
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+
+    def predict(self, context, model_input, params=None):
+        requests = [self._request(row, params) for row in _rows(model_input)]
+        try:
+            responses = concurrently(self.engine.chat, requests, self.limits.max_batch)
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+        except QueueFull as exc:
+            raise _busy(exc) from None
+        if self.interface == "prompt":
+            return [r["choices"][0]["message"]["content"] for r in responses]
+        return responses
+
+    def predict_stream(self, context, model_input, params=None):
+        rows = _rows(model_input)
+        if len(rows) != 1:
+            raise _bad_request(ValueError(f"predict_stream takes one request, got {len(rows)}"))
+        request = self._request(rows[0], params)
+        try:
+            chunks = self.engine.stream(request)
+            first = next(chunks)  # prompt errors surface here, before anything is yielded
+        except ChatRequestError as exc:
+            raise _bad_request(exc) from None
+        except QueueFull as exc:
+            raise _busy(exc) from None
+        yield first
+        yield from chunks
+
+
+mlflow.models.set_model(OnnxChatModel())

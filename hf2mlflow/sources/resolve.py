@@ -1,0 +1,115 @@
+"""Turn a ModelSpec into a local Hugging Face folder: built-in, local folder, hub download, or a GGUF file
+(local or from a registry package) dequantized into a cached folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hf2mlflow.config import ModelSpec, PackageFile
+from hf2mlflow.errors import StepError
+from hf2mlflow.sources.gguf import GGUFInfo, fetch_package_file, hf_folder_from_gguf
+
+# What the builder (and later steps) need; never the .bin/.pth duplicates some repos carry.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+class ModelSourceError(StepError):
+    """The model cannot be found, downloaded or read."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    spec: ModelSpec
+    path: Path
+    architecture: str
+    revision: Optional[str]  # the resolved commit for hub models
+    gguf: Optional[GGUFInfo] = None  # for GGUF sources: the file the folder was made from
+
+
+def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    print(f"[model] downloading {spec.hub_id}@{spec.revision} from the Hugging Face hub (cached after the first time)")
+    try:
+        path = Path(snapshot_download(spec.hub_id, revision=spec.revision, cache_dir=cache_dir or None,
+                                      allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise ModelSourceError(f"model '{spec.hub_id}' is gated: accept its licence on the hub and log in "
+                               f"with `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"unknown model id '{spec.hub_id}': no such repository on the Hugging Face hub "
+                               f"(or it is private and no token is set)") from None
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"model '{spec.hub_id}' has no revision '{spec.revision}'") from None
+    except LocalEntryNotFoundError as exc:
+        raise ModelSourceError(
+            f"cannot reach the Hugging Face hub for '{spec.hub_id}' and it is not in the local cache "
+            f"({type(exc).__name__}). Download it once with network access, point -P model at a local folder, "
+            f"or run offline with a built-in model: -P model=tiny-phi3") from None
+    return path, path.name  # snapshot folders are named by commit sha
+
+
+def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedModel:
+    """A local folder holding config.json, weights and tokenizer for `spec`."""
+    revision, gguf = None, None
+    if spec.package:
+        package = spec.package
+        gguf_path = fetch_package_file(package.requirement, package.sha256, package.file)
+        path, gguf = hf_folder_from_gguf(gguf_path, origin=f"{package.requirement}:{package.file}")
+    elif spec.gguf_file:
+        path, gguf = hf_folder_from_gguf(Path(spec.gguf_file).expanduser())
+    elif spec.builtin:
+        from hf2mlflow.sources.tiny import tiny_model_path
+        path = tiny_model_path(spec.builtin)
+    elif spec.local_path:
+        path = Path(spec.local_path).expanduser()
+        if not path.is_dir():
+            raise ModelSourceError(f"model '{spec.name}': local folder not found: {path}")
+    else:
+        path, revision = _hub_download(spec, cache_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"model '{spec.name}': {path} has no config.json; it is not a Hugging Face model folder")
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if not architectures:
+        raise ModelSourceError(f"model '{spec.name}': {config_file} names no 'architectures'")
+    return ResolvedModel(spec, path, architectures[0], revision, gguf)
+
+
+def source_params(resolved: ResolvedModel) -> dict:
+    """Where the model came from, as run params; `spec_from_source_params` reads them back (evaluate's parity)."""
+    spec = resolved.spec
+    params = {"model_source": spec.source,
+              "model_id": spec.hub_id or spec.builtin or (spec.package and spec.package.requirement)
+              or str(spec.gguf_file or spec.local_path),
+              "model_revision": (resolved.revision or spec.revision) if spec.source == "hub" else "",
+              "architecture": resolved.architecture,
+              "model_trust_remote_code": spec.trust_remote_code}  # the effective value: flag or model config
+    if spec.package:
+        params.update({"model_package_sha256": spec.package.sha256, "model_package_file": spec.package.file})
+    if resolved.gguf:
+        params.update({"gguf_sha256": resolved.gguf.sha256, "gguf_file_type": resolved.gguf.file_type,
+                       "gguf_origin": resolved.gguf.origin})
+    return params
+
+
+def spec_from_source_params(name: str, params: dict) -> ModelSpec:
+    source, model_id = params.get("model_source"), params.get("model_id")
+    if source == "hub":
+        return ModelSpec(name=name, hub_id=model_id, revision=params.get("model_revision") or "main",
+                         trust_remote_code=params.get("model_trust_remote_code") == "True")
+    if source == "builtin":
+        return ModelSpec(name=name, builtin=model_id)
+    if source == "local":
+        return ModelSpec(name=name, local_path=Path(model_id))
+    if source == "gguf":
+        return ModelSpec(name=name, gguf_file=Path(model_id))
+    if source == "package":
+        return ModelSpec(name=name, package=PackageFile(requirement=model_id, sha256=params.get("model_package_sha256"),
+                                                        file=params.get("model_package_file")))
+    raise ModelSourceError(f"the run does not record where model '{name}' came from (params model_source, model_id)")
