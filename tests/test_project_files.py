@@ -11,8 +11,10 @@ import yaml
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.batch.step import BatchInferArgs
 from hf2mlflow.convert.step import ConvertArgs
+from hf2mlflow.evaluate.step import EvaluateArgs
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs
+from hf2mlflow.workflow.main import MainArgs
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
@@ -54,16 +56,37 @@ def test_conda_lock_reads_conda_yaml_for_three_platforms(tmp_path):
         assert {"python", "mlflow", "onnxruntime-genai", "transformers"} <= names
 
 
-@pytest.mark.parametrize("entry_point, args_class", [("convert_onnx", ConvertArgs), ("log_pyfunc", LogPyfuncArgs),
-                                                     ("log_transformers", LogTransformersArgs),
-                                                     ("batch_infer", BatchInferArgs)])
-def test_mlproject_uses_conda_yaml_and_step_arguments(entry_point, args_class):
+ENTRY_POINTS = {"convert_onnx": ConvertArgs, "log_pyfunc": LogPyfuncArgs, "log_transformers": LogTransformersArgs,
+                "evaluate": EvaluateArgs, "batch_infer": BatchInferArgs, "main": MainArgs}
+
+
+def test_every_entry_point_is_a_step_dataclass():
+    assert set(MLPROJECT["entry_points"]) == set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_mlproject_parameters_are_the_step_dataclass(entry_point):
+    """MLproject's parameters, their defaults and the command line are the dataclass's fields, in order."""
+    from transformers import HfArgumentParser
+
+    args_class = ENTRY_POINTS[entry_point]
     assert MLPROJECT["conda_env"] == "conda.yaml"
     entry = MLPROJECT["entry_points"][entry_point]
-    fields = [f.name for f in dataclasses.fields(args_class)]
-    assert list(entry["parameters"]) == fields
-    for name in fields:
-        assert f"--{name} {{{name}}}" in entry["command"]
+    fields = dataclasses.fields(args_class)
+    assert list(entry["parameters"]) == [f.name for f in fields]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    assert [n for n, p in entry["parameters"].items() if not isinstance(p, dict) or "default" not in p] == required
+    argv = [a for n in required for a in (f"--{n}", "x")]
+    defaults = dataclasses.asdict(HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)[0])
+    for field in fields:
+        assert f"--{field.name} {{{field.name}}}" in entry["command"]
+        if field.name in required:
+            continue
+        spec = entry["parameters"][field.name]
+        # MLproject passes the default as text; parsed as the step parses it, it is the dataclass's default.
+        parsed = HfArgumentParser(args_class).parse_args_into_dataclasses(
+            args=argv + [f"--{field.name}", str(spec["default"])])[0]
+        assert getattr(parsed, field.name) == defaults[field.name] == field.default, field.name
     assert entry["command"].split()[1] == f"steps/{entry_point}.py"
     assert (PROJECT_ROOT / "steps" / f"{entry_point}.py").is_file()
 

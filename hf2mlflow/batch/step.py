@@ -7,6 +7,7 @@ mlflow.pyfunc.spark_udf: in local mode here, on the cluster's executors on Datab
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -200,8 +201,7 @@ def batch_infer(args: BatchInferArgs) -> dict:
 
     tags = {"model_uri": model.uri, "model": model.name, "flavor": model.flavor, "output": args.output,
             "input_format": input_kind, "output_format": output_kind}
-    params = {"model": args.model, "input": args.input, "output": args.output, "max_tokens": args.max_tokens,
-              "partitions": args.partitions, "spark_master": args.spark_master}
+    params = dataclasses.asdict(args)
     with step_run(STEP, f"{STEP}-{model.name}", tags, params) as run, \
             tempfile.TemporaryDirectory(prefix=f"{STEP}-") as work:
         print(f"[{STEP}] 1/4 starting Spark")

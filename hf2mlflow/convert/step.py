@@ -6,6 +6,7 @@ exporter (plain ONNX with a KV cache, served with onnxruntime) for architectures
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import json
 import shutil
@@ -60,10 +61,7 @@ def convert(args: ConvertArgs) -> str:
 
     tags = {"model": spec.name, "target": target.name, "exporter": target.exporter,
             "artifact_format": route.artifact_format}
-    params = {"model": args.model, "target": args.target, "output_name": args.output_name,
-              "revision": args.revision, "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir,
-              "exporter": args.exporter, "builder_memory": args.builder_memory,
-              "memory_budget_gib": args.memory_budget_gib}
+    params = dataclasses.asdict(args)
     with step_run(STEP, output_name, tags, params) as run:
         # The target as built, so later steps need not find its YAML file again (it may be a path of its own).
         mlflow.log_dict(target.model_dump(mode="json"), TARGET_ARTIFACT)

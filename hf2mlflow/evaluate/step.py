@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -177,8 +178,7 @@ def evaluate(args: EvaluateArgs) -> str:
 
     tags = {"dataset": config.name, **{f"model.{m.name}.uri": m.uri for m in models},
             **{f"model.{m.name}.run_id": m.logged_by_run for m in models}}
-    params = {"models": args.models, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens,
-              "limit": args.limit, "parity": args.parity}
+    params = dataclasses.asdict(args)
     with step_run(STEP, f"{STEP}-{config.name}", tags, params) as run:
         mlflow.log_params({"examples": len(examples), "effective_max_new_tokens": max_new_tokens})
         summaries, per_prompt, references = [], [], {}

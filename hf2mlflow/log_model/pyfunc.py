@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import tempfile
@@ -112,9 +113,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
 
         tags = {"convert_run_id": args.convert_run_id, "model": model_name, "target": target.name,
                 "interface": args.interface, "artifact_format": artifact_format}
-        params = {"convert_run_id": args.convert_run_id, "target": args.target,
-                  "registered_model_name": args.registered_model_name, "alias": args.alias,
-                  "interface": args.interface}
+        params = dataclasses.asdict(args)
         with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
             print(f"[{STEP}] 2/2 logging the pyfunc model (models-from-code) and registering '{registered}'")
             info = mlflow.pyfunc.log_model(

@@ -6,6 +6,7 @@ generation defaults from the target config, explicit and installable requirement
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from dataclasses import dataclass, field
 
@@ -103,9 +104,7 @@ def log_transformers(args: LogTransformersArgs) -> str:
 
     tags = {"model": spec.name, "target": target.name, "flavor": "transformers", "device": settings.device,
             "dtype": settings.dtype}
-    params = {"model": args.model, "target": args.target, "registered_model_name": args.registered_model_name,
-              "alias": args.alias, "save_pretrained": args.save_pretrained, "revision": args.revision,
-              "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir}
+    params = dataclasses.asdict(args)
     with step_run(STEP, f"{STEP}-{registered}", tags, params) as run:
         print(f"[{STEP}] 1/2 resolving model '{spec.name}' ({spec.source}) and building the pipeline")
         resolved = resolve_model(spec, args.cache_dir)

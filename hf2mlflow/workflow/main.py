@@ -9,6 +9,7 @@ is a tag, so the lookup is one filtered query (no 1000-run blind spot) that retu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -176,9 +177,7 @@ def _validate(args: MainArgs) -> tuple:
 
 def run_chain(args: MainArgs) -> list[StepResult]:
     target, tf_target, dataset = _validate(args)
-    params = {"model": args.model, "target": args.target, "transformers_target": args.transformers_target,
-              "dataset": args.dataset, "eval_limit": args.eval_limit, "force": args.force,
-              "rerun_from": args.rerun_from}
+    params = dataclasses.asdict(args)
     with step_run(STEP, f"{STEP}-{args.model}-{args.target}", {"model": args.model, "target": args.target},
                   params) as run:
         chain = Chain(args, run.info.experiment_id)
