@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import QUESTIONS, served, update_readme  # noqa: E402
+from docs_blocks import update_docs  # noqa: E402
+from suite import QUESTIONS, served  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -154,11 +155,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--per_client", type=int, default=2)
     parser.add_argument("--output_dir", default=str(RESULTS))
-    parser.add_argument("--update-readme", action="store_true", help="rewrite README's batching section")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the batching block in docs/performance.md")
     parser.add_argument("--steps-only", action="store_true", help="only the bare Generator's tokens/s per batch size")
     args = parser.parse_args(argv)
-    if args.quick and args.update_readme:
-        parser.error("--update-readme takes the 4-layer model's figures; leave out --quick")
+    if args.quick and args.update_docs:
+        parser.error("--update-docs takes the 4-layer model's figures; leave out --quick")
 
     import os
 
@@ -213,11 +214,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "batching.md").write_text(table)
     (out / "batching.json").write_text(json.dumps(results, indent=2))
-    if args.update_readme:
-        update_readme(table, "batching")
+    if args.update_docs:
+        update_docs(table, "batching")
     print("\n" + table)
     print(f"results: {out.resolve()} (batching.md, batching.json), {results['seconds'] / 60:.1f} min"
-          + ("; README.md updated" if args.update_readme else ""))
+          + ("; docs/performance.md updated" if args.update_docs else ""))
     return results
 
 

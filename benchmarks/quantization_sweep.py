@@ -3,10 +3,10 @@ int8 and the transformers flavor: every variant converted, logged and evaluated 
 evaluate run (one fresh process per model), tracked in the MLflow experiment "quantization-sweep".
 
     python benchmarks/quantization_sweep.py                  # smollm2-135m-instruct, all 30 prompts
-    python benchmarks/quantization_sweep.py --update-readme  # and rewrite README's quantization table
+    python benchmarks/quantization_sweep.py --update-docs    # and rewrite docs/performance.md's quantization table
     python benchmarks/quantization_sweep.py --quick          # tiny-phi3, 3 prompts, 2 variants (the tests)
 
-Each int4 variant is configs/targets/cpu-int4.yaml with only `builder_options.algo_config` and
+Each int4 variant is hf2mlflow/configs/targets/cpu-int4.yaml with only `builder_options.algo_config` and
 `matmul_mixed_precision` changed, so block size 32 and accuracy level 4 stay those of the shipped target.
 """
 
@@ -34,7 +34,7 @@ from hf2mlflow.convert.genai_builder import builder_version  # noqa: E402
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers  # noqa: E402
 
-from suite import update_readme  # noqa: E402
+from docs_blocks import update_docs  # noqa: E402
 
 # name: the int4 builder options that differ from the shipped cpu-int4 target's.
 INT4_VARIANTS = {
@@ -96,14 +96,16 @@ def _markdown(rows: list[dict], header: str) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="configs/models name or model source")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="hf2mlflow/configs/models name or model source")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts of the dataset; 0: all")
     parser.add_argument("--variants", default=",".join(INT4_VARIANTS),
                         help=f"comma-separated int4 variants; allowed: {', '.join(INT4_VARIANTS)}")
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, 3 prompts, default and rtn only")
     parser.add_argument("--output", default="benchmarks/results/quantization_sweep",
                         help="results path without suffix (.json and .md are written)")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite README's quantization table")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the quantization table in docs/performance.md")
     args = parser.parse_args(argv)
     variants = ["default", "rtn"] if args.quick else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in INT4_VARIANTS]
@@ -142,10 +144,10 @@ def main(argv=None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(table)
-    if args.update_readme:
-        update_readme(table, "quantization")
+    if args.update_docs:
+        update_docs(table, "quantization")
     print(f"results: {out.with_suffix('.md')}, {out.with_suffix('.json')}; MLflow experiment 'quantization-sweep'"
-          + ("; README.md updated" if args.update_readme else ""))
+          + ("; docs/performance.md updated" if args.update_docs else ""))
     return rows
 
 

@@ -4,7 +4,7 @@
     python benchmarks/suite.py --layers 32       # the full 3.8 B model
     python benchmarks/suite.py --full-conversion # and convert the full 32-layer model too (section 5)
     python benchmarks/suite.py --quick           # tiny-phi3, a smoke run (the test suite runs this)
-    python benchmarks/suite.py --update-readme   # and rewrite README's performance section from this run
+    python benchmarks/suite.py --update-docs     # and rewrite docs/performance.md's suite block from this run
     python benchmarks/suite.py --device cuda     # the cuda targets on an NVIDIA GPU (see DEVICES below)
 
 What it compares, all on the same prompts and numbers of new tokens:
@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
 from hf2mlflow.runtime.manifest import folder_bytes  # noqa: E402
+
+from docs_blocks import update_docs  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 # What each --device benchmarks. onnx: the shipped targets converted and logged, the int4 one first (the bare loop,
@@ -545,18 +547,6 @@ def installed(package: str) -> str:
         return ""
 
 
-def update_readme(table: str, section: str = "benchmarks") -> None:
-    """Rewrite the README's generated block between `<!-- SECTION:begin -->` and `<!-- SECTION:end -->`."""
-    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    readme = PROJECT_ROOT / "README.md"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"README.md has no {begin} ... {end} section to rewrite")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{begin}\n{table}{end}{tail}")
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=4, help="layers of the Phi-3-mini-shaped model (32: full)")
@@ -565,14 +555,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, one round, few tokens: a smoke run")
     parser.add_argument("--output_dir", default=str(RESULTS),
                         help="where suite.{md,json,png} go (suite-cuda.* with --device cuda)")
-    parser.add_argument("--update-readme", action="store_true", help="rewrite README's performance section")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="rewrite the suite's block in docs/performance.md")
     parser.add_argument("--full-conversion", action="store_true",
                         help="also convert the full 32-layer model (int4; about 5 minutes and 10 GiB on 2 cores)")
     parser.add_argument("--device", choices=sorted(DEVICES), default="cpu",
                         help="cpu: the cpu targets; cuda: the cuda targets and the transformers flavor on the GPU")
     args = parser.parse_args(argv)
-    if args.device != "cpu" and args.update_readme:
-        parser.error("--update-readme rewrites README's performance section, which holds the cpu run; a "
+    if args.device != "cpu" and args.update_docs:
+        parser.error("--update-docs rewrites the suite's block in docs/performance.md, which holds the cpu run; a "
                      f"--device {args.device} run writes benchmarks/results/suite-{args.device}.* and its MLflow run")
     if args.device == "cuda" and (problems := cuda_problems()):
         raise SystemExit(
@@ -668,12 +659,12 @@ def main(argv=None) -> dict:
         mlflow.log_metrics(flat_metrics(results))
         for name in (f"{stem}.md", f"{stem}.json", f"{stem}.png"):
             mlflow.log_artifact(str(out / name))
-    if args.update_readme:
-        update_readme(table)
+    if args.update_docs:
+        update_docs(table)
     print("\n" + table)
     print(f"results: {out.resolve()} ({stem}.md, {stem}.json, {stem}.png); MLflow run {run.info.run_id} in "
           f"experiment 'benchmarks' at {mlflow.get_tracking_uri()}; `mlflow ui` shows it"
-          + ("; README.md updated" if args.update_readme else ""))
+          + ("; docs/performance.md updated" if args.update_docs else ""))
     return results
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,3 +132,33 @@ def test_batching_quick(tmp_path):
     # Batch-invariant: a DataFrame's answers are those of its rows one by one.
     assert variants["batched"]["dataframe"]["same_answers"] == variants["batched"]["dataframe"]["rows"]
     assert "| batched | 8 |" in (tmp_path / "batching.md").read_text()
+
+
+def test_update_docs_rewrites_only_its_block(tmp_path):
+    """`--update-docs` (suite, batching, quantization_sweep) rewrites its block of docs/performance.md, nothing else."""
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    try:
+        from docs_blocks import PERFORMANCE_DOC, SECTIONS, update_docs
+    finally:
+        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    assert PERFORMANCE_DOC == PROJECT_ROOT / "docs" / "performance.md"
+    original = PERFORMANCE_DOC.read_text()
+    doc = tmp_path / "performance.md"
+    doc.write_text(original)
+    for section in SECTIONS:
+        update_docs(f"| new {section} table |\n", section, doc)
+    text = doc.read_text()
+    for section in SECTIONS:
+        assert f"<!-- {section}:begin -->\n| new {section} table |\n<!-- {section}:end -->" in text
+
+    def prose(markdown):
+        return re.sub(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", "", markdown, flags=re.S)
+
+    assert prose(text) == prose(original)  # the hand-written text around the blocks is unchanged
+    doc.write_text("no blocks")
+    try:
+        update_docs("x\n", "batching", doc)
+    except SystemExit as exc:
+        assert "has no <!-- batching:begin -->" in str(exc)
+    else:
+        raise AssertionError("update_docs wrote a file without the block")
