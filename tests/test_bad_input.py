@@ -13,9 +13,9 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import HELLO, all_runs, local_store, post
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.runtime.chat_schema import MAX_CONTENT_CHARS, MAX_MESSAGES, ChatRequestError, parse_request
+from tests.support import HELLO, all_runs, local_store, post
 
 NO_RUN = "0" * 32  # a well-formed run ID that no store holds
 TARGET = "execution_provider: cpu\nprecision: int4\ntransformers: {device: cpu, dtype: float32}\n"

@@ -9,9 +9,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import local_store
 from hf2mlflow.batch.step import OUTPUT_COLUMNS
 from steps.batch_infer import main as batch_infer_main
+from tests.support import local_store
 
 ROWS = 24
 PARTITIONS = 4

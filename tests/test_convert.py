@@ -10,13 +10,13 @@ import mlflow
 import psutil
 import pytest
 
-from conftest import all_runs
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.convert.genai_builder import BuilderError, supported_architectures
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.sources.resolve import ModelSourceError
+from tests.support import all_runs
 
 STEP = str(PROJECT_ROOT / "steps" / "convert_onnx.py")
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from databricks_emulator import MLFLOW_BACKEND_KEYS, BadRequest, Workspace, check_submit
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.databricks.project import python_libraries, write_spark_job_project
-from conftest import copy_working_tree, tracking_server as mlflow_server
+from tests.databricks_emulator import MLFLOW_BACKEND_KEYS, BadRequest, Workspace, check_submit
+from tests.support import copy_working_tree, tracking_server as mlflow_server
 
 TOKEN = "dapi-emulated-token"
 CPU_SPEC = PROJECT_ROOT / "hf2mlflow" / "configs" / "databricks" / "cpu.json"

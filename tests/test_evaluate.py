@@ -6,9 +6,9 @@ import matplotlib.image
 import mlflow
 import pytest
 
-from conftest import all_runs, local_store
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+from tests.support import all_runs, local_store
 
 LIMIT = 4
 

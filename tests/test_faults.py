@@ -13,11 +13,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import all_runs, ask, free_port, local_store, pickle_free_model, tracking_server
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.runtime.manifest import verify_manifest
+from tests.support import all_runs, ask, free_port, local_store, pickle_free_model, tracking_server
 
 CONVERT = [sys.executable, str(PROJECT_ROOT / "steps" / "convert_onnx.py"), "--model", "tiny-phi3",
            "--target", "cpu-int4"]

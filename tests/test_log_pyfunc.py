@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+from tests.support import HELLO, all_runs, ask, local_store, pickle_free_model
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import HELLO, all_runs, local_store
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 from hf2mlflow.sources.tiny import tiny_model_path
+from tests.support import HELLO, all_runs, local_store
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import all_runs
 from hf2mlflow.config import load_target
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
@@ -17,6 +16,7 @@ from hf2mlflow.convert.genai_builder import run_builder
 from hf2mlflow.convert.memory_plan import GIB, MemoryBudgetError, CheckpointSize, checkpoint_size, estimate, plan
 from hf2mlflow.sources.tiny import tiny_model_path
 from hf2mlflow.convert.validate import validate_genai_model
+from tests.support import all_runs
 
 # The builder computes these with torch's cos, which is not bitwise reproducible between processes here (about
 # one run in three differs by up to 2e-4 at the far positions), whichever path runs it.

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from hf2mlflow import PROJECT_ROOT
-from conftest import copy_working_tree, free_port, process, tracking_server
+from tests.support import copy_working_tree, free_port, process, tracking_server
 
 STEPS = ["convert_onnx", "log_pyfunc", "log_transformers", "evaluate"]
 

@@ -5,8 +5,8 @@ import subprocess
 
 import mlflow
 
-from conftest import all_runs
 from hf2mlflow import PROJECT_ROOT
+from tests.support import all_runs
 
 
 def mlflow_run(tracking_uri, *params, entry_point="convert_onnx"):

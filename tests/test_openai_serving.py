@@ -18,7 +18,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import free_port
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Hello there"}]

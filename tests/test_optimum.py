@@ -9,13 +9,13 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from conftest import HELLO, all_runs, ask, local_store, pickle_free_model
 from hf2mlflow.config import load_target
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.convert.genai_builder import BuilderError
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.convert.optimum_export import check_precision
+from tests.support import HELLO, all_runs, ask, local_store, pickle_free_model
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import all_runs, local_store
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.runtime.chat_schema import (MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_N, REQUEST_KEYS, ROLES, ChatRequest,
                                    ChatRequestError, parse_request)
+from tests.support import all_runs, local_store
 
 DEFAULTS = {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
 

@@ -8,8 +8,8 @@ import re
 import psutil
 import yaml
 
-from conftest import HELLO, free_port, local_store, post, process, wait_for_http
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+from tests.support import HELLO, free_port, local_store, post, process, wait_for_http
 
 
 def test_served_model_answers_chat_requests(served_model):

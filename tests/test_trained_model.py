@@ -10,7 +10,6 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import all_runs, local_store, pickle_free_model
 from hf2mlflow.config import load_model
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
@@ -19,6 +18,7 @@ from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 from hf2mlflow.sources.resolve import resolve_model
 from steps import convert_onnx as convert_step
+from tests.support import all_runs, local_store, pickle_free_model
 
 MODEL = "smollm2-135m-instruct"
 LIMIT = 6  # prompts of capitals-and-facts that evaluate answers here

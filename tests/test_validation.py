@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import all_runs
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.runtime.manifest import build_manifest
 from hf2mlflow.sources.tiny import tiny_model_path
 from hf2mlflow.convert.validate import ValidationError, fp32_logits_tolerance
 from steps import convert_onnx as convert_step
+from tests.support import all_runs
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
