@@ -53,8 +53,10 @@ class BuilderOptions(Strict):
     """`--extra_options` of onnxruntime_genai.models.builder (only the ones we support)."""
 
     block_size: Optional[Literal[16, 32, 64, 128, 256]] = Field(None, description="int4/int8 quantization block size")
-    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(None, description="MatMulNBits compute accuracy (4 = int8)")
-    algo_config: Optional[Literal["default", "rtn", "k_quant"]] = Field(None, description="weight-only quantization method")
+    accuracy_level: Optional[Literal[0, 1, 2, 3, 4]] = Field(
+        None, description="MatMulNBits compute accuracy (4 = int8)")
+    algo_config: Optional[Literal["default", "rtn", "k_quant"]] = Field(
+        None, description="weight-only quantization method")
     is_symmetric: Optional[bool] = None
     op_types_to_quantize: Optional[str] = Field(None, description="e.g. MatMul/Gather")
     nodes_to_exclude: Optional[str] = None
@@ -305,7 +307,9 @@ def shipped(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
 
 
-def _find(kind: str, name_or_path: str) -> Optional[Path]:
+def config_file(kind: str, name_or_path: str) -> Optional[Path]:
+    """The YAML file a name (shipped under configs/KIND/) or a .yaml path means; None for anything else
+    (a model given as a hub id or folder)."""
     candidate = Path(os.path.expanduser(name_or_path))
     if candidate.suffix in (".yaml", ".yml"):
         if not candidate.is_file():
@@ -318,7 +322,7 @@ def _find(kind: str, name_or_path: str) -> Optional[Path]:
 
 def load_target(name_or_path: str) -> Target:
     """A shipped target name (configs/targets/NAME.yaml) or a path to a target YAML file."""
-    path = _find("targets", name_or_path)
+    path = config_file("targets", name_or_path)
     if path is None:
         raise ConfigError(f"unknown target '{name_or_path}'; shipped targets: {', '.join(shipped('targets'))} "
                           f"(or give a path to a target .yaml file)")
@@ -338,7 +342,7 @@ def load_transformers_target(name: str) -> Target:
 
 def load_dataset_config(name_or_path: str) -> DatasetConfig:
     """A shipped dataset name (configs/datasets/NAME.yaml) or a path to a dataset YAML file."""
-    path = _find("datasets", name_or_path)
+    path = config_file("datasets", name_or_path)
     if path is None:
         raise ConfigError(f"unknown dataset '{name_or_path}'; shipped datasets: {', '.join(shipped('datasets'))} "
                           f"(or give a path to a dataset .yaml file)")
@@ -353,7 +357,7 @@ def load_dataset_config(name_or_path: str) -> DatasetConfig:
 
 def load_model(name_or_path: str) -> ModelSpec:
     """A shipped model name, a model YAML file, a local Hugging Face folder, a .gguf file or a hub id."""
-    path = _find("models", name_or_path)
+    path = config_file("models", name_or_path)
     if path is not None:
         return _load_yaml(ModelSpec, path)
     local = Path(os.path.expanduser(name_or_path))

@@ -97,6 +97,21 @@ class TorchModel:
         return logits.float().cpu().numpy()
 
 
+def genai_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy answer to prompt `ids`: the new tokens, EOS included when it came."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
 class GenAIModel:
     """An onnxruntime-genai model folder (the ONNX artifacts of a logged pyfunc)."""
 
@@ -118,10 +133,7 @@ class GenAIModel:
         return [int(i) for i in self.tokenizer.encode(text)]
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        generator = self._generator(ids, len(ids) + max_new_tokens)
-        while not generator.is_done():
-            generator.generate_next_token()
-        return without_eos([int(t) for t in generator.get_sequence(0)[len(ids):]], self.eos_ids)
+        return without_eos(genai_greedy(self.model, ids, max_new_tokens), self.eos_ids)
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self._generator(ids, len(ids) + 1).get_logits(), dtype=np.float32).reshape(-1)

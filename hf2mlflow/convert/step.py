@@ -109,7 +109,8 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
                                                  compare_greedy=target.precision == "fp32"))
         else:
             # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
-            mlflow.set_tag("validation", f"graph checked; generation skipped: needs a {target.execution_provider} device")
+            mlflow.set_tag("validation",
+                           f"graph checked; generation skipped: needs a {target.execution_provider} device")
             print(f"[{STEP}] graph checked; generation skipped: a {target.execution_provider} model needs that device")
 
         genai_config = json.loads((out / "genai_config.json").read_text())

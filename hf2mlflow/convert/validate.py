@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from hf2mlflow.errors import StepError
+from hf2mlflow.parity import genai_greedy
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 WHERE = "the converted model"  # the folder is scratch space, gone when the step ends
@@ -83,7 +84,8 @@ def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, deco
                               f"onnxruntime-genai reads as transformers does")
     if ids != reference:
         raise ValidationError(f"{where}: onnxruntime-genai's tokenizer disagrees with transformers' on the "
-                              f"validation chat prompt: {first_difference(reference, ids, decode, 'transformers', 'onnxruntime-genai')}")
+                              f"validation chat prompt: "
+                              f"{first_difference(reference, ids, decode, 'transformers', 'onnxruntime-genai')}")
 
 
 def first_difference(expected: list[int], got: list[int], decode, expected_name: str, got_name: str) -> str:
@@ -105,7 +107,6 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     transformers' tokenizer of `source_dir` (default: the model folder's) or gives ids outside the
     vocabulary, when it decodes ids to other text, and, with `compare_greedy` (fp32), when its greedy answer
     differs from the source model's in PyTorch."""
-    import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -136,14 +137,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         if theirs != ours:
             raise ValidationError(f"{WHERE}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
                                   f"transformers as {theirs!r}")
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    new_tokens: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        new_tokens.append(int(generator.get_next_tokens()[0]))
+    new_tokens = genai_greedy(model, [int(i) for i in ids], max_new_tokens)
     if not new_tokens:
         raise ValidationError(f"{WHERE}: the model generated no tokens")
     reference_tokens = None

@@ -60,7 +60,8 @@ def write_spark_job_project(destination: Path) -> Path:
     existing = destination / "MLproject"
     if destination.exists() and any(destination.iterdir()):
         if not (existing.is_file() and existing.read_text().startswith(MARKER)):
-            raise ConfigError(f"{destination} exists and was not written by hf2mlflow.databricks.project; give a new folder")
+            raise ConfigError(f"{destination} exists and was not written by hf2mlflow.databricks.project; "
+                              f"give a new folder")
         shutil.rmtree(destination)
     destination.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
@@ -75,7 +76,8 @@ def write_spark_job_project(destination: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hf2mlflow.databricks.project", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hf2mlflow.databricks.project",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("destination", help="new folder for the Databricks Spark job project")
     args = parser.parse_args(argv)
     try:
@@ -83,7 +85,8 @@ def main(argv=None) -> None:
     except ConfigError as exc:
         raise SystemExit(f"hf2mlflow.databricks.project: {exc}") from None
     print(f"wrote a Databricks Spark job project to {out}; run it with:\n"
-          f"  mlflow run {out} -b databricks --backend-config hf2mlflow/configs/databricks/cpu.json -e <entry point> -P ...")
+          f"  mlflow run {out} -b databricks --backend-config hf2mlflow/configs/databricks/cpu.json "
+          f"-e <entry point> -P ...")
 
 
 if __name__ == "__main__":

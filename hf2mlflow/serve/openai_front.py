@@ -242,13 +242,15 @@ def served_name_for(model_uri: Optional[str], name: Optional[str]) -> str:
     if model_uri and model_uri.startswith("models:/"):
         return model_uri[len("models:/"):].split("@")[0].split("/")[0]
     raise SystemExit("give --served-model-name: the name clients pass as `model` "
-                     "(it defaults to NAME only for a --model-uri of the form models:/NAME@alias or models:/NAME/version)")
+                     "(it defaults to NAME only for a --model-uri of the form models:/NAME@alias or "
+                     "models:/NAME/version)")
 
 
 def main(argv=None):
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m hf2mlflow.serve.openai_front", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m hf2mlflow.serve.openai_front",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     backend = parser.add_mutually_exclusive_group(required=True)
     backend.add_argument("--model-uri", help="load this pyfunc chat model here (whole and streamed answers)")

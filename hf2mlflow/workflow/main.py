@@ -20,8 +20,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow import CONFIGS_DIR, PROJECT_ROOT
-from hf2mlflow.config import load_dataset_config, load_model, load_target, load_transformers_target
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.config import config_file, load_dataset_config, load_model, load_target, load_transformers_target
 from hf2mlflow.errors import ConfigError, StepError, fault_message
 from hf2mlflow.datasets import load_examples
 from hf2mlflow.tracking import print_run_summary, step_run
@@ -81,15 +81,10 @@ def code_version() -> str:
     return "content-" + _sha256(*(p.encode() + (PROJECT_ROOT / p).read_bytes() for p in paths))
 
 
-def _config_file(kind: str, name_or_path: str) -> Path | None:
-    shipped = CONFIGS_DIR / kind / f"{name_or_path}.yaml"
-    return shipped if shipped.is_file() else Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else None
-
-
 def _model_digest(name_or_path: str) -> bytes:
     """What the model config says; for a local folder or GGUF file, its files' names, sizes and times (not GBs
     of content)."""
-    path = _config_file("models", name_or_path)
+    path = config_file("models", name_or_path)
     if path is not None:
         return path.read_bytes()
     folder = Path(name_or_path).expanduser()
@@ -181,7 +176,7 @@ def run_chain(args: MainArgs) -> list[StepResult]:
     with step_run(STEP, f"{STEP}-{args.model}-{args.target}", {"model": args.model, "target": args.target},
                   params) as run:
         chain = Chain(args, run.info.experiment_id)
-        target_file = _config_file("targets", args.target).read_bytes()
+        target_file = config_file("targets", args.target).read_bytes()
         model = _model_digest(args.model)
         print(f"[{STEP}] code version {chain.code}")
 
@@ -198,7 +193,7 @@ def run_chain(args: MainArgs) -> list[StepResult]:
         models = f"{pyfunc.run_id},{transformers.run_id}"
         chain.step("evaluate", {"models": models, "dataset": args.dataset, "limit": args.eval_limit},
                    {"log_pyfunc": pyfunc.run_id, "log_transformers": transformers.run_id},
-                   _sha256(_config_file("datasets", args.dataset).read_bytes(), dataset.path.read_bytes()))
+                   _sha256(config_file("datasets", args.dataset).read_bytes(), dataset.path.read_bytes()))
         summary = [asdict(r) for r in chain.results]
         mlflow.log_dict({"code_version": chain.code, "steps": summary}, "chain.json")
         mlflow.log_text(_table(chain.results), "chain.txt")
