@@ -24,9 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from docs_blocks import update_docs  # noqa: E402
-from suite import QUESTIONS, served  # noqa: E402
+from suite_sections import served  # noqa: E402
+from suite_setup import QUESTIONS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
