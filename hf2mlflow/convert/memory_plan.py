@@ -2,7 +2,7 @@
 
 The estimates come from the checkpoint's own numbers (parameter count and stored dtype, read from the
 safetensors headers without loading a weight) and per-path factors measured with benchmarks/convert_memory.py
-on a model of Phi-3-mini's width (README, "Converting large models"). They decide before the builder starts:
+on a model of Phi-3-mini's width (docs/convert.md). They decide before the builder starts:
 a conversion that cannot fit stops with what it needs instead of being killed by the kernel half-way.
 """
 

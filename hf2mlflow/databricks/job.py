@@ -17,11 +17,11 @@ import sys
 def main(pieces):
     args = shlex.split(" ".join(pieces))
     if not args:
-        sys.exit("databricks_job: no step given; expected: STEP [--param value ...]")
+        sys.exit("hf2mlflow/databricks/job.py: no step given; expected: STEP [--param value ...]")
     step, rest = args[0], args[1:]
     script = os.path.join("steps", f"{step}.py")
     if not os.path.isfile(script):
-        sys.exit(f"databricks_job: no step script {script} under {os.getcwd()} (the unpacked project folder)")
+        sys.exit(f"hf2mlflow/databricks/job.py: no step script {script} under {os.getcwd()} (the unpacked project folder)")
     sys.path.insert(0, os.getcwd())
     sys.argv = [script, *rest]
     runpy.run_path(script, run_name="__main__")

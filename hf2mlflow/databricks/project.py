@@ -6,7 +6,7 @@ Databricks documents as not working on Runtime 13.0 ML and newer. With a `databr
 submits a spark_python_task instead; that section forbids `conda_env`/`python_env`/`docker_env`, so it cannot
 share a file with the environment the local runs need. This module writes a copy of the project whose MLproject
 has the same entry points and parameters, the pinned packages as `python_libraries` (the runtime's own pyspark
-excepted), and commands that go through hf2mlflow/databricks_job.py.
+excepted), and commands that go through hf2mlflow/databricks/job.py.
 
     python -m hf2mlflow.databricks.project build/databricks-project
     mlflow run build/databricks-project -b databricks --backend-config hf2mlflow/configs/databricks/cpu.json -e ...
@@ -49,7 +49,7 @@ def spark_job_mlproject() -> dict:
             if isinstance(spec, dict) and spec.get("type") == "path" or spec == "path":
                 raise ConfigError(f"MLproject: {name}.{param} is of type path, which Databricks Spark job projects "
                                   f"do not allow; make it a string")
-        command = f"python hf2mlflow/databricks_job.py {match.group(1)}{match.group(2) or ''}"
+        command = f"python hf2mlflow/databricks/job.py {match.group(1)}{match.group(2) or ''}"
         entry_points[name] = {**entry, "command": command}
     return {"name": project["name"], "databricks_spark_job": {"python_libraries": python_libraries()},
             "entry_points": entry_points}
