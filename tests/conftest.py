@@ -1,10 +1,31 @@
-"""Fixtures shared by the tests; the helpers they and the tests call are in tests/support.py."""
+"""Fixtures shared by the tests, and the tiers: tests under tests/unit/ are marked `unit` (pure logic: no model
+built or loaded, no server, no subprocess), every other test `integration`. The helpers tests call are in
+tests/support.py."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 from tests.support import free_port, local_store, process, wait_for_http
+
+UNIT_DIR = Path(__file__).resolve().parent / "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = "unit" if item.path.is_relative_to(UNIT_DIR) else "integration"
+        item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_ignore_collect(collection_path, config):
+    """`-m unit` alone does not import the integration modules at all (their imports take longer than the unit
+    tests run); every test they hold is marked `integration`, so the same tests run either way."""
+    if (config.getoption("markexpr") == "unit" and collection_path.name.startswith("test_")
+            and not collection_path.is_relative_to(UNIT_DIR)):
+        return True
+    return None
 
 
 @pytest.fixture(scope="session", autouse=True)

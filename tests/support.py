@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +41,12 @@ def local_store(root):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
         mlflow.set_tracking_uri(old_uri)
+
+
+def write_target(tmp_path, text):
+    path = tmp_path / "my-target.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
 
 
 def all_runs(tracking_uri: str):

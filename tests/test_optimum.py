@@ -2,20 +2,18 @@
 steps (convert_onnx -P exporter=optimum, log_pyfunc, evaluate) and behind the same chat interface."""
 
 import json
-import textwrap
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow.config import load_target
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.errors import ConfigError
 from hf2mlflow.convert.genai_builder import BuilderError
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.convert.optimum_export import check_precision
-from tests.support import HELLO, all_runs, ask, local_store, pickle_free_model
+from tests.support import HELLO, all_runs, ask, local_store, pickle_free_model, write_target
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +124,6 @@ def test_bad_requests_say_what_is_allowed(model, request_body, expected):
         model.predict(request_body)
 
 
-def write_target(tmp_path, text):
-    path = tmp_path / "my-target.yaml"
-    path.write_text(textwrap.dedent(text))
-    return str(path)
-
-
 def test_bad_exporter_fails_before_any_run(tracking, tmp_path):
     with pytest.raises(ConfigError, match="exporter 'foo' is not allowed; allowed: genai-builder, optimum"):
         convert(ConvertArgs(model="tiny-gpt2", target="cpu-fp32", exporter="foo"))
@@ -144,30 +136,6 @@ def test_bad_exporter_fails_before_any_run(tracking, tmp_path):
                                           "execution_provider 'cpu'"):
         convert(ConvertArgs(model="tiny-gpt2", target=path, exporter="genai-builder"))
     assert all_runs(tracking) == []
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("exporter: onnx\nexecution_provider: cpu\nprecision: fp32\n", ["key 'exporter'", "'genai-builder'", "'optimum'"]),
-    ("exporter: optimum\nexecution_provider: cpu\nprecision: int8\n",
-     ["key '(top level)'", "does not build precision 'int8'", "optimum builds cpu: fp32, fp16"]),
-    ("exporter: optimum\nexecution_provider: dml\nprecision: fp16\n", ["for execution_provider 'dml'"]),
-    ("exporter: optimum\nexecution_provider: cuda\nprecision: fp16\nbuilder_options: {enable_cuda_graph: true}\n",
-     ["builder_options enable_cuda_graph are options of the genai-builder exporter"]),
-])
-def test_target_config_exporter_is_validated(tmp_path, text, expected):
-    path = write_target(tmp_path, text)
-    with pytest.raises(ConfigError) as err:
-        load_target(path)
-    assert path in str(err.value)
-    for part in expected:
-        assert part in str(err.value)
-
-
-def test_target_config_can_choose_optimum(tmp_path):
-    # fp16 on the CPU is an optimum-only combination (checked: it exports and runs on onnxruntime's CPU provider).
-    target = load_target(write_target(tmp_path, "exporter: optimum\nexecution_provider: cpu\nprecision: fp16\n"))
-    assert target.with_exporter("").exporter == "optimum"
-    assert load_target("cpu-fp32").with_exporter("").exporter == "genai-builder"
 
 
 @pytest.fixture(scope="module")

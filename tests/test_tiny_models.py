@@ -40,8 +40,3 @@ def test_tiny_model_chats_with_its_familys_template(name, architecture, prompt):
     assert out.shape[1] > ids.shape[1] and torch.equal(out, again)
     end_of_turn = tokenizer.convert_tokens_to_ids(RECIPES[name].end_of_turn)
     assert end_of_turn in model.generation_config.eos_token_id
-
-
-def test_unknown_builtin():
-    with pytest.raises(ValueError, match="unknown built-in model 'tiny-gpt9'; built-in models: tiny-phi3, tiny-qwen2"):
-        tiny_model_path("tiny-gpt9")

