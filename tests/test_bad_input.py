@@ -208,7 +208,7 @@ def one_message(content, role="user"):
 
 # (raw body, content type, fragments the answer's message must hold). Without "messages" MLflow does not see a
 # chat request and answers with its own protocol error; type errors are MLflow's signature check; the rest is
-# the model's own request parser (hf2mlflow/chat_schema.py) and its context check.
+# the model's own request parser (hf2mlflow/runtime/chat_schema.py) and its context check.
 REQUEST_ROWS = [
     request_row({"max_tokens": 5}, "exactly one of the input fields", "'inputs'", id="missing-messages"),
     request_row({"messages": []}, "'messages' is required: a non-empty list", id="empty-messages"),

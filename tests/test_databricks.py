@@ -87,7 +87,7 @@ def test_classic_route_uploads_the_project_and_runs_mlflow_on_the_driver(tmp_pat
     with tarfile.open(workspace.local_path(tarball)) as archive:
         members = set(archive.getnames())
     assert {"mlflow-project/MLproject", "mlflow-project/steps/convert_onnx.py",
-            "mlflow-project/hf2mlflow/convert.py"} <= members
+            "mlflow-project/hf2mlflow/convert/step.py"} <= members
 
     request = job.request
     assert job.task == "shell_command_task" and request["libraries"] == [{"pypi": {"package": "mlflow==3.17.2"}}]
