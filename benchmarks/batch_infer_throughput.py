@@ -104,7 +104,7 @@ def summarise(runs: list[dict], rows: int, partitions) -> dict:
 def table(results: dict) -> str:
     lines = ["| run | rows | partitions | median s (min-max) | answering s | rows/s | completion tok/s |",
              "|---|---|---|---|---|---|---|"]
-    for name, m in results["measurements"].items():
+    for m in results["measurements"].values():
         lines.append(f"| {m['label']} | {m['rows']} | {m['partitions']} | {m['median_s']:.2f} "
                      f"({m['min_s']:.2f}-{m['max_s']:.2f}) | {m['median_answering_s']:.2f} | {m['rows_per_s']:.1f} "
                      f"| {m['completion_tokens_per_s']:.0f} |")

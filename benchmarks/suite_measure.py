@@ -106,7 +106,7 @@ def measure(kind: str, path: str, prompts: list, max_tokens: int) -> dict:
         latency, prompt_tokens, new_tokens = runner.answer(messages, max_tokens)
         streamed = runner.stream(messages, max_tokens)  # greedy: the same tokens as the answer
 
-        def rate(seconds):
+        def rate(seconds, new_tokens=new_tokens, ttft=ttft):
             return (new_tokens - 1) / (seconds - ttft) if new_tokens > 1 and seconds > ttft else float("nan")
 
         samples.append({"ttft_s": ttft, "latency_s": latency, "prompt_tokens": prompt_tokens,

@@ -97,7 +97,7 @@ def report(r: dict) -> str:
     add("")
     add("| prompt tokens (onnx-int4 pyfunc) | time to first token ms |")
     add("|---|---|")
-    for n, p in r["prompt_lengths"].items():
+    for p in r["prompt_lengths"].values():
         add(f"| {p['prompt_tokens']} | {_range(p['ttft_ms'])} |")
     return "\n".join(lines) + "\n"
 
@@ -170,7 +170,7 @@ def flat_metrics(r: dict) -> dict:
     for name, c in r["conversion"].items():
         for figure in ("seconds", "peak_rss_gib", "peak_over_checkpoint"):
             metrics[key("conversion", name, figure)] = c[figure]
-    for n, p in r["prompt_lengths"].items():
+    for p in r["prompt_lengths"].values():
         metrics[key("ttft_ms_at_prompt", p["prompt_tokens"])] = p["ttft_ms"]["median"]
     return metrics
 

@@ -71,7 +71,7 @@ def served(model: dict, prompts: list, max_tokens: int, concurrency: list[int], 
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow models serve did not come up: {log.read_text()[-2000:]}")
+                    raise RuntimeError(f"mlflow models serve did not come up: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
 
         def call(messages):

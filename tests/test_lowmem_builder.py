@@ -1,4 +1,5 @@
-"""The low-memory builder path (hf2mlflow/convert/lowmem_builder.py) and the memory budget (hf2mlflow/convert/memory_plan.py):
+"""The low-memory builder path (hf2mlflow/convert/lowmem_builder.py) and the memory budget
+(hf2mlflow/convert/memory_plan.py):
 the same model as the standard builder's, and a conversion that cannot fit stops before it builds."""
 
 import json

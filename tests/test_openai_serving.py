@@ -75,7 +75,7 @@ def servers(logged):
             _wait_healthy(name, proc, url[name] + health[name], root, deadline)
         yield {"url": url, "served": served}
     finally:
-        for proc, log in processes:
+        for proc, _log in processes:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc, log in processes:
@@ -129,8 +129,8 @@ def test_max_tokens_is_honoured(chat, max_tokens):
 
 
 def test_same_seed_same_answer(chat):
-    ask = lambda seed, top_p=1.0: chat(messages=HELLO, max_tokens=12, temperature=1.0, top_p=top_p,
-                                       seed=seed).choices[0].message.content
+    def ask(seed, top_p=1.0):
+        return chat(messages=HELLO, max_tokens=12, temperature=1.0, top_p=top_p, seed=seed).choices[0].message.content
     assert ask(1) == ask(1) and ask(2, top_p=0.8) == ask(2, top_p=0.8)
     assert len({ask(seed) for seed in (1, 2, 3, 4)}) > 1  # the seed reaches the sampler
 

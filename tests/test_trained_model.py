@@ -4,7 +4,6 @@ What random weights cannot show: right answers, tokenizers that agree, fp32 answ
 
 import json
 import shutil
-from pathlib import Path
 
 import mlflow
 import numpy as np

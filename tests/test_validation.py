@@ -72,7 +72,8 @@ def test_int8_with_tied_embeddings_converts_with_the_shipped_target(tracking, tm
 def test_int8_shared_tied_embeddings_fail_with_what_to_set(tracking, tmp_path):
     folder = _variant("tiny-qwen2", tmp_path / "qwen2-tied", {"tie_word_embeddings": True}, _tied)
     target = tmp_path / "cpu-int8-shared.yaml"
-    target.write_text("execution_provider: cpu\nprecision: int8\nbuilder_options: {block_size: 32, accuracy_level: 4}\n")
+    target.write_text("execution_provider: cpu\nprecision: int8\n"
+                      "builder_options: {block_size: 32, accuracy_level: 4}\n")
     with pytest.raises(ValidationError) as err:
         convert(ConvertArgs(model=str(folder), target=str(target)))
     assert "cannot load the model the builder wrote" in str(err.value)

@@ -21,7 +21,8 @@ def main(pieces):
     step, rest = args[0], args[1:]
     script = os.path.join("steps", f"{step}.py")
     if not os.path.isfile(script):
-        sys.exit(f"hf2mlflow/databricks/job.py: no step script {script} under {os.getcwd()} (the unpacked project folder)")
+        sys.exit(f"hf2mlflow/databricks/job.py: no step script {script} under {os.getcwd()} "
+                 f"(the unpacked project folder)")
     sys.path.insert(0, os.getcwd())
     sys.argv = [script, *rest]
     runpy.run_path(script, run_name="__main__")

@@ -59,7 +59,8 @@ transformers: {device: cpu, dtype: float32}
      "precission", ["unknown key", "allowed keys:", "did you mean 'precision'"]),
     (TARGET + "builder_options: {blocksize: 32}\n", "builder_options.blocksize",
      ["unknown key", "block_size", "accuracy_level"]),
-    (TARGET.replace("cpu\nprecision", "tpu\nprecision"), "execution_provider", ["'cpu'", "'cuda'", "'dml'", "'webgpu'"]),
+    (TARGET.replace("cpu\nprecision", "tpu\nprecision"), "execution_provider",
+     ["'cpu'", "'cuda'", "'dml'", "'webgpu'"]),
     (TARGET.replace("int4", "fp16"), "(top level)",
      ["precision 'fp16'", "execution_provider 'cpu'", "allowed precisions for cpu: fp32, int8, int4"]),
     (TARGET + "builder_options: {block_size: big}\n", "builder_options.block_size", ["16", "256", "'big'"]),
@@ -96,7 +97,8 @@ def test_missing_target_file():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("hub_id: a/b\nbuiltin: tiny-phi3\n", "set exactly one of hub_id, local_path, builtin, gguf_file, package (got: hub_id, builtin)"),
+    ("hub_id: a/b\nbuiltin: tiny-phi3\n",
+     "set exactly one of hub_id, local_path, builtin, gguf_file, package (got: hub_id, builtin)"),
     ("revision: main\n", "got: none"),
     ("hub_id: not a repo\n", "is not a Hugging Face repo id"),
     ("builtin: tiny-gpt9\n", "'tiny-phi3', 'tiny-qwen2' or 'tiny-gpt2'"),
