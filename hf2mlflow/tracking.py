@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.errors import ConfigError
 
 
 def log_params_once(params: dict) -> None:
@@ -29,9 +28,6 @@ def step_run(step: str, run_name: str, tags: dict, params: dict):
         mlflow.set_tags({"step": step, "mlflow.runName": run_name, **tags})
         log_params_once(params)
         try:
-            if os.environ.get("HF2MLFLOW_FAIL_STEP") == step:
-                # Fault injection, for testing what a failed step does to the workflow (never set it otherwise).
-                raise StepError(f"failing on purpose: HF2MLFLOW_FAIL_STEP={step}")
             yield run
         except BaseException as exc:
             _record_error(step, run, exc)

@@ -21,6 +21,7 @@ import pytest
 from hf2mlflow import PROJECT_ROOT
 
 HELLO = [{"role": "user", "content": "Hello there"}]
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 
 
 @contextlib.contextmanager
@@ -144,3 +145,10 @@ def post(url: str, body, content_type: str = "application/json"):
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode("utf-8", "replace")
+
+
+def failing_step_env(step: str) -> dict:
+    """Environment additions for a process tree in which the step `step` fails inside its run (its run ends
+    FAILED with an `error` tag): tests/fault_injection/sitecustomize.py, first on PYTHONPATH."""
+    return {"HF2MLFLOW_FAIL_STEP": step,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_INJECTION), os.environ.get("PYTHONPATH")]))}

@@ -17,7 +17,8 @@ from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.runtime.manifest import verify_manifest
-from tests.support import all_runs, ask, free_port, local_store, pickle_free_model, tracking_server
+from tests.support import (all_runs, ask, failing_step_env, free_port, local_store, pickle_free_model,
+                           tracking_server)
 
 CONVERT = [sys.executable, str(PROJECT_ROOT / "steps" / "convert_onnx.py"), "--model", "tiny-phi3",
            "--target", "cpu-int4"]
@@ -53,6 +54,19 @@ def artifacts_experiment(location: Path, monkeypatch) -> str:
 def conversion_is_complete(run_id: str, tmp_path: Path) -> bool:
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / run_id)))
     return not verify_manifest(local / "onnx", json.loads((local / "manifest.json").read_text()))
+
+
+def test_an_injected_failure_fails_the_step_inside_its_run(tmp_path):
+    """tests/fault_injection, with which test_main.py fails one step of the chain: the step named fails inside
+    its run, which ends FAILED with the reason, and the step says why."""
+    with local_store(tmp_path) as uri:
+        failed = subprocess.run(CONVERT, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, **failing_step_env("convert_onnx")))
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert "[convert_onnx] FAILED: failing on purpose: HF2MLFLOW_FAIL_STEP=convert_onnx" in failed.stderr
+        (run,) = all_runs(uri)
+        assert run.info.status == "FAILED" and "failing on purpose" in run.data.tags["error"]
+        assert "artifact_bytes" not in run.data.metrics
 
 
 def test_disk_full_while_the_conversion_is_logged(tmp_path, monkeypatch):

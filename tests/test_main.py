@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from hf2mlflow import PROJECT_ROOT
-from tests.support import copy_working_tree, free_port, process, tracking_server
+from tests.support import copy_working_tree, failing_step_env, free_port, process, tracking_server
 
 STEPS = ["convert_onnx", "log_pyfunc", "log_transformers", "evaluate"]
 
@@ -80,7 +80,7 @@ def test_chain_reuse_invalidation_and_failure_on_a_tracking_server(tmp_path, sna
         assert changed["log_transformers"][0] == chain["log_transformers"][0]
 
         # A failing step fails main with the step's run ID; nothing after it runs; the failed run is not reused.
-        failed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", extra_env={"HF2MLFLOW_FAIL_STEP": "evaluate"})
+        failed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", extra_env=failing_step_env("evaluate"))
         assert failed.returncode != 0
         main, _ = last_chain(uri)
         assert main.info.status == "FAILED" and "step evaluate failed in run" in main.data.tags["error"]
