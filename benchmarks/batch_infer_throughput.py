@@ -3,7 +3,7 @@
 Measures, in one run, with the built-in tiny-phi3 converted to cpu-int4 and logged with log_pyfunc (in a fresh
 temporary MLflow store, so nothing else is touched):
 
-- spark: hf2mlflow.batch_infer.batch_infer (the batch_infer step) on `--spark_master local[2]`, JSONL in, Parquet
+- spark: hf2mlflow.batch.step.batch_infer (the batch_infer step) on `--spark_master local[2]`, JSONL in, Parquet
   out, timed around the whole call (MLflow run, wrapping the model for spark_udf, scoring, writing, summary);
   "answering s" is the step's own `seconds` metric (scoring and writing only);
 - loop: one process, mlflow.pyfunc.load_model of the same model URI, then the same rows one by one through the

@@ -5,7 +5,7 @@
     python benchmarks/convert_memory.py --quick         # tiny-phi3, seconds (the test suite runs this)
 
 The model is built by the project (random weights, Phi-3-mini's exact width, stored in bf16 like the published
-checkpoint; hf2mlflow.tiny_models.phi3_mini_shape_path). Each path runs the builder in its own process, as
+checkpoint; hf2mlflow.sources.tiny.phi3_mini_shape_path). Each path runs the builder in its own process, as
 convert_onnx does, and the peak is that process's own peak RSS from the kernel (os.wait4). Repeats are
 interleaved (standard, low, standard, low...). Both outputs are checked to give the same greedy tokens.
 """

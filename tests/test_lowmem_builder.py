@@ -81,7 +81,7 @@ def test_auto_takes_the_low_memory_path_when_the_standard_would_not_fit(tracking
     import hf2mlflow.convert.memory_plan
 
     # tiny-phi3 fits either way: give the standard path an estimate over the budget, as Phi-3-mini's is here.
-    estimate_of = hf2mlflow.memory_plan.estimate
+    estimate_of = hf2mlflow.convert.memory_plan.estimate
     monkeypatch.setattr(hf2mlflow.convert.memory_plan, "estimate", lambda size, precision: (
         40 * GIB, estimate_of(size, precision)[1]))
     run = mlflow.get_run(convert(ConvertArgs(model="tiny-phi3", target="cpu-int4", memory_budget_gib=24)))
