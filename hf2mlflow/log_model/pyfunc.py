@@ -15,12 +15,12 @@ from mlflow.models import ModelSignature
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from hf2mlflow.runtime import RUNTIME_DIR, runtime_code_path
 from hf2mlflow.config import Target, load_target
-from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT, ONNX_ARTIFACT_PATH,
-                                ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX, onnx_registered_name,
-                                genai_version, route_for_format)
+from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, GENAI_ROUTE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT,
+                                ONNX_ARTIFACT_PATH, ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX,
+                                genai_version, onnx_registered_name, route_for_format)
 from hf2mlflow.errors import ConfigError, StepError
+from hf2mlflow.runtime import RUNTIME_DIR, runtime_code_path
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
 
@@ -43,7 +43,7 @@ class LogPyfuncArgs:
         "help": "chat: OpenAI chat-completions schema; prompt: the seed notebook's {prompt: string} -> string"})
 
 
-def requirements(execution_provider: str, artifact_format: str = "onnxruntime-genai") -> list[str]:
+def requirements(execution_provider: str, artifact_format: str = GENAI_ROUTE.artifact_format) -> list[str]:
     """What inference needs. onnxruntime-genai models: no torch, no transformers. Optimum exports: onnxruntime
     through optimum's ORTModelForCausalLM, which speaks torch tensors, and the Hugging Face tokenizer (pinned
     like log_transformers' requirements: no torch local label, the CPU wheel index for CPU targets)."""
