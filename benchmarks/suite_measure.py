@@ -93,7 +93,7 @@ class BareGenAIRunner:
 
 def measure(kind: str, path: str, prompts: list, max_tokens: int) -> dict:
     """Load, warm up, then per prompt: time to first token, latency and decode rate. Runs in a fresh process."""
-    from hf2mlflow.evaluate.worker import peak_rss_bytes
+    from hf2mlflow.measure import peak_rss_bytes
 
     start = time.perf_counter()
     runner = BareGenAIRunner(path) if kind == "genai" else PyfuncRunner(path)

@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -105,6 +105,16 @@ class Batching(Strict):
         "sequence takes the faster one-row kernel and may answer differently from the same request in a batch"))
 
 
+class SessionOptions(Strict):
+    """onnxruntime session settings the logged model loads its graph with (no reconversion needed)."""
+
+    intra_op_num_threads: Optional[int] = Field(None, ge=0, le=256, description=(
+        "threads one operator may use; 0 or unset: onnxruntime's default (one per physical core)"))
+    allow_spinning: Optional[bool] = Field(None, description=(
+        "idle worker threads spin for the next operator instead of sleeping: faster decode, busier cores; "
+        "unset: onnxruntime's default (spin)"))
+
+
 class TransformersSettings(Strict):
     """Where the transformers (PyTorch) flavor of the same model runs for this target."""
 
@@ -128,6 +138,7 @@ class Target(Strict):
     builder_options: BuilderOptions = BuilderOptions()
     generation: Generation = Generation()
     batching: Batching = Batching()
+    session_options: SessionOptions = SessionOptions()
     # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
     transformers: Optional[TransformersSettings] = None
     # How convert_onnx makes the ONNX model; None: genai-builder, unless convert_onnx's `exporter` says otherwise.
@@ -252,6 +263,68 @@ class DatasetConfig(Strict):
     max_new_tokens: int = Field(32, gt=0, le=4096, description="new tokens per answer and per parity check")
     min_token_agreement: float = Field(0.9, ge=0.0, le=1.0, description=(
         "share of prompts whose greedy tokens must equal the source model's; below it a model is flagged"))
+
+
+# What a sweep may vary: target keys as `section.key`, and whether a change needs a new conversion.
+SWEEP_KEYS = {**{f"builder_options.{k}": True for k in BuilderOptions.model_fields},
+              **{f"session_options.{k}": False for k in SessionOptions.model_fields},
+              "batching.batch_invariant": False}
+
+
+class SweepQuality(Strict):
+    """The bound a point's quality must keep against the reference (fp32) model to be picked."""
+
+    metric: Literal["exact_match", "rouge_l", "contains"] = Field(
+        "contains", description="the dataset metric compared (per-prompt scores, counted as prompts right)")
+    max_prompts_lost: int = Field(1, ge=0, description=(
+        "prompts, net, the point may answer worse than the reference (per-prompt scores summed)"))
+    min_greedy_agreement: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "least share of prompts whose greedy tokens equal the source model's in PyTorch"))
+
+
+class SweepSpeed(Strict):
+    """How the candidates' speed is measured: fresh processes, interleaved rounds."""
+
+    rounds: int = Field(3, ge=1, le=20, description="interleaved rounds of one fresh process per point")
+    max_tokens: int = Field(128, gt=0, le=4096, description="new tokens per speed request")
+    prompt: str = Field("Write a short story about a lighthouse keeper and a storm.", min_length=1)
+
+
+class SweepConfig(Strict):
+    """A grid of conversion and runtime options tried on one base target (configs/sweeps/NAME.yaml)."""
+
+    name: str
+    description: str = ""
+    base_target: str = Field("cpu-int4", description="target every point starts from")
+    reference_target: str = Field("cpu-fp32", description="target whose quality the points are held to")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "`section.key: [values]`: every combination is a point"))
+    points: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "extra points, each `section.key: value` over the base target alone"))
+    quality: SweepQuality = SweepQuality()
+    speed: SweepSpeed = SweepSpeed()
+
+    @model_validator(mode="after")
+    def _known_keys(self):
+        keys = [*self.grid, *(k for point in self.points for k in point)]
+        unknown = sorted({k for k in keys if k not in SWEEP_KEYS})
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; a sweep may vary: {', '.join(SWEEP_KEYS)}")
+        empty = [k for k, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"grid key(s) {', '.join(empty)} list no values")
+        if not self.grid and not self.points:
+            raise ValueError("a sweep needs a `grid` or `points`")
+        return self
+
+
+def load_sweep(name_or_path: str) -> SweepConfig:
+    """A shipped sweep name (configs/sweeps/NAME.yaml) or a path to a sweep YAML file."""
+    path = config_file("sweeps", name_or_path)
+    if path is None:
+        raise ConfigError(f"unknown sweep '{name_or_path}'; shipped sweeps: {', '.join(shipped('sweeps'))} "
+                          f"(or give a path to a sweep .yaml file)")
+    return _load_yaml(SweepConfig, path)
 
 
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:

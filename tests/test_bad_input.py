@@ -30,6 +30,8 @@ FILES = {
     "misspelled-dataset.yaml": "path: qa.jsonl\nmetrix: [rouge_l]\n",
     "wrong-type-dataset.yaml": "path: qa.jsonl\nmax_new_tokens: many\n",
     "no-jsonl-dataset.yaml": "path: gone.jsonl\n",
+    "misspelled-sweep.yaml": "points:\n  - {builder_options.blok_size: 64}\n",
+    "bad-value-sweep.yaml": "points:\n  - {builder_options.block_size: 48}\n",
     "qa.jsonl": '{"messages": [{"role": "user", "content": "Capital of France?"}], "reference": "Paris"}\n',
 }
 BATCH = ["--input", "{configs}/qa.jsonl", "--output", "{missing}/answers.parquet"]
@@ -143,6 +145,19 @@ STEP_ROWS = [
              "dataset config file not found: {missing}/dataset.yaml", "shipped datasets:", id="missing-dataset-file"),
     step_row("main", ["--dataset", "{configs}/no-jsonl-dataset.yaml"],
              "gone.jsonl", "a JSONL file next to the YAML file", id="missing-jsonl-file"),
+
+    step_row("sweep", ["--sweep", "{configs}/misspelled-sweep.yaml"],
+             "misspelled-sweep.yaml", "unknown option(s) builder_options.blok_size",
+             "a sweep may vary: builder_options.block_size", id="misspelled-option"),
+    step_row("sweep", ["--sweep", "{configs}/bad-value-sweep.yaml"],
+             "bad-value-sweep.yaml", "point block_size=48", "Input should be 16, 32, 64, 128 or 256",
+             id="option-value"),
+    step_row("sweep", ["--sweep", "no-such-sweep"],
+             "unknown sweep 'no-such-sweep'", "shipped sweeps: cpu-int4-grid", id="unknown-sweep"),
+    step_row("sweep", ["--sweep", "cpu-int4-small", "--alias", "v3"],
+             "alias:", "v3", id="reserved-alias"),
+    step_row("sweep", ["--eval_limit", "-1"],
+             "eval_limit must be 0 (all examples) or positive, got -1", id="negative-eval-limit"),
 
     step_row("batch_infer", ["--model", "{model_uri}"],
              "the following arguments are required: --input", "--output", id="missing-arguments"),

@@ -15,6 +15,7 @@ from hf2mlflow.evaluate.step import EvaluateArgs
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs
 from hf2mlflow.workflow.main import MainArgs
+from hf2mlflow.workflow.sweep import SweepArgs
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
@@ -57,7 +58,8 @@ def test_conda_lock_reads_conda_yaml_for_three_platforms(tmp_path):
 
 
 ENTRY_POINTS = {"convert_onnx": ConvertArgs, "log_pyfunc": LogPyfuncArgs, "log_transformers": LogTransformersArgs,
-                "evaluate": EvaluateArgs, "batch_infer": BatchInferArgs, "main": MainArgs}
+                "evaluate": EvaluateArgs, "batch_infer": BatchInferArgs, "main": MainArgs,
+                "sweep": SweepArgs}
 
 
 def test_every_entry_point_is_a_step_dataclass():

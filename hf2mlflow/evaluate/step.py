@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pandas as pd
 
 from hf2mlflow.datasets import Example, load_dataset
 from hf2mlflow.logged_models import EvalModel, resolve_all
+from hf2mlflow.measure import measure_fresh
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime.manifest import folder_bytes
 from hf2mlflow.evaluate.scoring import genai_scorers
@@ -41,14 +40,10 @@ class EvaluateArgs:
 
 
 def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
-    from hf2mlflow.evaluate.worker import measure
-
-    # A fresh process per model: its load time and peak RSS are its own, and nothing it loads stays behind.
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(measure, str(model_dir), label, requests).result()
-        except Exception as exc:
-            raise StepError(f"model '{label}' failed while answering: {type(exc).__name__}: {exc}") from None
+    try:
+        return measure_fresh(str(model_dir), label, requests)
+    except RuntimeError as exc:
+        raise StepError(str(exc)) from None
 
 
 def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int, references: dict):

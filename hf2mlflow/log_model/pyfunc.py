@@ -123,6 +123,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                 code_paths=[runtime_code_path(Path(work))],
                 model_config={"model_name": model_name, "interface": args.interface,
                               "generation": target.generation.model_dump(), "batching": target.batching.model_dump(),
+                              "session_options": target.session_options.model_dump(exclude_none=True),
                               "artifact_format": artifact_format,
                               "execution_provider": target.execution_provider},
                 signature=signature(args.interface),

@@ -17,15 +17,39 @@ from hf2mlflow.runtime.chat_engine import ChatEngine
 from hf2mlflow.runtime.chat_schema import ChatRequest
 
 
+def open_model(model_dir: Path, session_options: Optional[dict] = None):
+    """`og.Model` of the folder, its decoder's session options overlaid with `session_options` (the target's
+    `session_options`: intra_op_num_threads, allow_spinning; unset ones keep genai_config.json's)."""
+    import onnxruntime_genai as og
+
+    overlay = genai_session_options(session_options or {})
+    if not overlay:
+        return og.Model(str(model_dir))
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": overlay}}}))
+    return og.Model(config)
+
+
+def genai_session_options(settings: dict) -> dict:
+    """The target's session options as genai_config.json spells them (other keys become session config
+    entries there, so spinning is onnxruntime's own key)."""
+    out = {}
+    if settings.get("intra_op_num_threads") is not None:
+        out["intra_op_num_threads"] = int(settings["intra_op_num_threads"])
+    if settings.get("allow_spinning") is not None:
+        out["session.intra_op.allow_spinning"] = "1" if settings["allow_spinning"] else "0"
+    return out
+
+
 class GenAIChatEngine(ChatEngine):
     def __init__(self, model_dir: Path, model_name: str, limits: BatchLimits = BatchLimits(),
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, session_options: Optional[dict] = None):
         import numpy as np
         import onnxruntime_genai as og
 
         self._np, self._og = np, og
         self.model_name = model_name
-        self.model = og.Model(str(model_dir))
+        self.model = open_model(model_dir, session_options)
         self.tokenizer = og.Tokenizer(self.model)
         config = json.loads((Path(model_dir) / "genai_config.json").read_text())
         self.context_length = int(config["model"]["context_length"])

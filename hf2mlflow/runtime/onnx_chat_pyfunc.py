@@ -47,7 +47,8 @@ def _engine(artifact_format: str, model_dir: Path, config: dict, limits: BatchLi
         from hf2mlflow.runtime.genai_chat import GenAIChatEngine
 
         return GenAIChatEngine(model_dir, config["model_name"], limits,
-                               bool(config.get("batching", {}).get("batch_invariant", True)))
+                               bool(config.get("batching", {}).get("batch_invariant", True)),
+                               config.get("session_options") or {})
     if artifact_format == "optimum-onnx":
         from hf2mlflow.runtime.ort_chat import OrtChatEngine
 

@@ -123,24 +123,32 @@ def _launch(entry_point: str, params: dict, tags: dict, experiment_id: str) -> s
     return submitted.run_id
 
 
+def rerun_steps(args: MainArgs) -> set[str]:
+    """The steps `force` and `rerun_from` ask to run again."""
+    return set(ORDER if args.force else ORDER[ORDER.index(args.rerun_from):] if args.rerun_from else ())
+
+
 class Chain:
-    def __init__(self, args: MainArgs, experiment_id: str):
-        self.args, self.experiment_id, self.code = args, experiment_id, code_version()
+    """Steps of one workflow run, each reused or launched as a child of the active run; `order` numbers them."""
+
+    def __init__(self, experiment_id: str, rerun: set[str] = frozenset(), order: tuple[str, ...] = ORDER,
+                 label: str = STEP):
+        self.experiment_id, self.code, self.rerun, self.order, self.label = (
+            experiment_id, code_version(), set(rerun), order, label)
         self.results: list[StepResult] = []
-        self.rerun = set(ORDER if args.force else ORDER[ORDER.index(args.rerun_from):] if args.rerun_from else ())
 
     def step(self, entry_point: str, params: dict, upstream: dict, configs: str, not_in_key=()) -> StepResult:
         params = {k: str(v) for k, v in params.items()}  # as MLflow stores them
         key_params = {k: v for k, v in params.items() if k not in not_in_key}
         key = _cache_key(entry_point, key_params, upstream, self.code, configs)
-        number = f"{ORDER.index(entry_point) + 1}/{len(ORDER)}"
+        number = f"{self.order.index(entry_point) + 1}/{len(self.order)}"
         start = time.perf_counter()
         found = None if entry_point in self.rerun else _reusable_run(self.experiment_id, key)
         if found is not None:
-            print(f"[{STEP}] {number} {entry_point}: reusing FINISHED run {found.info.run_id}")
+            print(f"[{self.label}] {number} {entry_point}: reusing FINISHED run {found.info.run_id}")
             run_id = found.info.run_id
         else:
-            print(f"[{STEP}] {number} {entry_point}: running" + (" (rerun requested)" if entry_point in self.rerun
+            print(f"[{self.label}] {number} {entry_point}: running" + (" (rerun requested)" if entry_point in self.rerun
                                                                else ""))
             tags = {CACHE_TAG: key, "code_version": self.code, "config_digest": configs,
                     **{f"upstream.{name}": run_id for name, run_id in upstream.items()}}
@@ -175,7 +183,7 @@ def run_chain(args: MainArgs) -> list[StepResult]:
     params = dataclasses.asdict(args)
     with step_run(STEP, f"{STEP}-{args.model}-{args.target}", {"model": args.model, "target": args.target},
                   params) as run:
-        chain = Chain(args, run.info.experiment_id)
+        chain = Chain(run.info.experiment_id, rerun_steps(args))
         target_file = config_file("targets", args.target).read_bytes()
         model = _model_digest(args.model)
         print(f"[{STEP}] code version {chain.code}")

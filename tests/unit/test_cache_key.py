@@ -37,7 +37,8 @@ def chain(monkeypatch):
 
     def step(entry_point, params, upstream, configs, code, not_in_key=(), args=None):
         monkeypatch.setattr(workflow, "code_version", lambda: code)
-        return workflow.Chain(args or MainArgs(), "0").step(entry_point, params, upstream, configs, not_in_key)
+        chain = workflow.Chain("0", workflow.rerun_steps(args or MainArgs()))
+        return chain.step(entry_point, params, upstream, configs, not_in_key)
 
     state.step = step
     return state

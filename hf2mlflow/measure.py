@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import resource
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 
 def peak_rss_bytes() -> int:
@@ -71,3 +73,13 @@ def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
                      "latency_s": latency, "ttft_s": ttft(model, request)})
     return {"load_seconds": load_seconds, "ttft_method": ttft_method, "rows": rows,
             "peak_rss_bytes": peak_rss_bytes()}
+
+
+def measure_fresh(model_dir: str, label: str, requests: list[dict]) -> dict:
+    """`measure` in a fresh (spawned) process: its load time and peak RSS are the model's own, and nothing it
+    loads stays behind. Raises RuntimeError naming the model when it fails to answer."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(measure, str(model_dir), label, requests).result()
+        except Exception as exc:
+            raise RuntimeError(f"model '{label}' failed while answering: {type(exc).__name__}: {exc}") from None

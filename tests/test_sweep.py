@@ -1,0 +1,103 @@
+"""The sweep entry point on the trained model (SmolLM2-135M-Instruct from the registry package): the shipped
+two-point sweep over cpu-int4, with cpu-fp32 as the quality reference, run twice in one store. The first run
+builds every point; the second reuses every step and only times the points again."""
+
+import json
+
+import mlflow
+import pytest
+import yaml
+
+from hf2mlflow.config import Target, load_sweep
+from steps import sweep as sweep_step
+from tests.support import local_store
+
+MODEL, SWEEP, LIMIT = "smollm2-135m-instruct", "cpu-int4-small", 4
+REGISTERED = f"{MODEL}-cpu-int4-sweep"
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    with local_store(root) as uri:
+        first = sweep_step.main(["--model", MODEL, "--sweep", SWEEP, "--eval_limit", str(LIMIT)])
+        second = sweep_step.main(["--model", MODEL, "--sweep", SWEEP, "--eval_limit", str(LIMIT)])
+        client = mlflow.MlflowClient()
+        runs = client.search_runs(["0"], max_results=500)
+        parents = [r for r in runs if r.data.tags.get("step") == "sweep"]
+        alias = client.get_model_version_by_alias(REGISTERED, "fastest")
+        artifacts = {}
+        latest = max(parents, key=lambda r: r.info.start_time)
+        for name in ("sweep.md", "sweep.json", "pareto.png", "pick_target.yaml"):
+            artifacts[name] = mlflow.artifacts.download_artifacts(run_id=latest.info.run_id, artifact_path=name,
+                                                                   dst_path=str(root / "artifacts"))
+    return {"uri": uri, "first": first, "second": second, "runs": runs, "parents": parents, "alias": alias,
+            "artifacts": artifacts, "latest": latest}
+
+
+def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_children(swept):
+    by_id = {r.info.run_id: r for r in swept["runs"]}
+    assert len(swept["parents"]) == 2 and all(p.info.status == "FINISHED" for p in swept["parents"])
+    for parent, result in zip(sorted(swept["parents"], key=lambda r: r.info.start_time),
+                              (swept["first"], swept["second"]), strict=True):
+        assert [p["label"] for p in result["points"]] == [
+            "reference (cpu-fp32)", "base (cpu-int4)", "block_size=64", "batch_invariant=false"]
+        for point in result["points"]:
+            child = by_id[point["child_run_id"]]
+            assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert child.data.tags["sweep.point"] == point["label"]
+            for entry_point, run_id in point["runs"].items():
+                step = by_id[run_id]
+                assert step.info.status == "FINISHED" and step.data.tags["mlflow.project.entryPoint"] == entry_point
+            assert child.data.metrics["decode_tokens_per_s"] > 0
+
+
+def test_a_runtime_option_shares_the_base_conversion_and_a_builder_option_gets_its_own(swept):
+    runs = {p["label"]: p["runs"] for p in swept["first"]["points"]}
+    assert runs["batch_invariant=false"]["convert_onnx"] == runs["base (cpu-int4)"]["convert_onnx"]
+    assert runs["batch_invariant=false"]["log_pyfunc"] != runs["base (cpu-int4)"]["log_pyfunc"]
+    assert runs["block_size=64"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
+
+
+def test_the_second_sweep_reuses_every_step_of_every_point(swept):
+    assert not any(p["reused"] for p in swept["first"]["points"])
+    assert all(p["reused"] for p in swept["second"]["points"])
+    assert ([p["runs"] for p in swept["second"]["points"]] == [p["runs"] for p in swept["first"]["points"]])
+
+
+def test_the_parent_logs_the_table_and_the_pareto_chart(swept):
+    table = open(swept["artifacts"]["sweep.md"]).read()
+    for point in swept["second"]["points"]:
+        assert f"| {point['label']} |" in table or f"**{point['label']}** (pick)" in table
+    assert "| point | decode tok/s (min-max) |" in table and swept["second"]["reason"] in table
+    with open(swept["artifacts"]["pareto.png"], "rb") as chart:
+        assert chart.read(8) == b"\x89PNG\r\n\x1a\n"
+    recorded = json.load(open(swept["artifacts"]["sweep.json"]))
+    assert recorded["pick"] == json.loads(json.dumps(swept["second"]["pick"]))
+    assert any(p["pareto"] for p in recorded["points"])
+
+
+def test_the_pick_is_the_fastest_point_within_the_bound_registered_under_the_alias(swept):
+    result, bound = swept["second"], load_sweep(SWEEP).quality
+    points = {p["key"]: p for p in result["points"]}
+    pick = points[result["pick"]["key"]]
+    reference = points["reference"]
+    assert pick["key"] != "reference" and pick["within_bound"]
+    assert reference["prompts"] - pick["prompts"] <= bound.max_prompts_lost
+    assert pick["greedy_agreement"] >= bound.min_greedy_agreement
+    eligible = [p for p in result["points"] if p["within_bound"]]
+    assert pick["decode_tokens_per_s"]["median"] == max(p["decode_tokens_per_s"]["median"] for p in eligible)
+    assert result["pick"]["registered_model_uri"] == f"models:/{REGISTERED}@fastest"
+    assert swept["alias"].version == result["pick"]["version"] == pick["version_uri"].rsplit("/", 1)[1]
+    assert swept["latest"].data.tags["sweep.pick"] == pick["label"]
+    assert "the fastest of" in result["reason"] and "within the quality bound" in result["reason"]
+    target = yaml.safe_load(open(swept["artifacts"]["pick_target.yaml"]))
+    assert Target.model_validate(target).precision == "int4"
+
+
+def test_the_picked_model_answers(swept):
+    with local_store(swept["uri"].removeprefix("sqlite:///").rsplit("/", 1)[0]):
+        model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@fastest")
+        (response,) = model.predict({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                     "max_tokens": 24})
+    assert "Paris" in response["choices"][0]["message"]["content"]
