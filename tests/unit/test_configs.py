@@ -145,3 +145,18 @@ def test_target_config_can_choose_optimum(tmp_path):
     target = load_target(write_target(tmp_path, "exporter: optimum\nexecution_provider: cpu\nprecision: fp16\n"))
     assert target.with_exporter("").exporter == "optimum"
     assert load_target("cpu-fp32").with_exporter("").exporter == "genai-builder"
+
+
+def test_session_options_are_checked_and_reach_genai_config_as_onnxruntime_spells_them(tmp_path):
+    from hf2mlflow.runtime.genai_chat import genai_session_options
+
+    path = write(tmp_path, "threads", "execution_provider: cpu\nprecision: int4\n"
+                                      "session_options: {intra_op_num_threads: 1, allow_spinning: false}\n")
+    options = load_target(path).session_options.model_dump(exclude_none=True)
+    assert genai_session_options(options) == {"intra_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}
+    assert genai_session_options({}) == {} and load_target("cpu-int4").session_options.model_dump(
+        exclude_none=True) == {}
+    bad = write(tmp_path, "bad-threads", "execution_provider: cpu\nprecision: int4\nsession_options: {threads: 2}\n")
+    with pytest.raises(ConfigError, match="key 'session_options.threads': unknown key; allowed keys: "
+                                          "intra_op_num_threads, allow_spinning"):
+        load_target(bad)
