@@ -3,6 +3,7 @@
     <!-- benchmarks:begin --> ... <!-- benchmarks:end -->      benchmarks/suite.py
     <!-- batching:begin --> ... <!-- batching:end -->          benchmarks/batching.py
     <!-- quantization:begin --> ... <!-- quantization:end -->  benchmarks/quantization_sweep.py
+    <!-- sweep:begin --> ... <!-- sweep:end -->                benchmarks/sweep_report.py (a `sweep` run)
 
 Only the text between a block's markers changes; the prose around it is written by hand.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PERFORMANCE_DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-SECTIONS = ("benchmarks", "batching", "quantization")
+SECTIONS = ("benchmarks", "batching", "quantization", "sweep")
 
 
 def update_docs(table: str, section: str = "benchmarks", path: Path = PERFORMANCE_DOC) -> None:

@@ -101,3 +101,20 @@ def test_the_picked_model_answers(swept):
         (response,) = model.predict({"messages": [{"role": "user", "content": "What is the capital of France?"}],
                                      "max_tokens": 24})
     assert "Paris" in response["choices"][0]["message"]["content"]
+
+
+def test_sweep_report_copies_the_runs_table_and_pick_out_of_the_store(swept, tmp_path):
+    import sys
+
+    from hf2mlflow import PROJECT_ROOT
+
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    try:
+        import sweep_report
+    finally:
+        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    with local_store(swept["uri"].removeprefix("sqlite:///").rsplit("/", 1)[0]):
+        text = sweep_report.main(["--output_dir", str(tmp_path)])  # the newest FINISHED sweep run
+    assert swept["latest"].info.run_id in text and swept["second"]["table"] in text
+    assert f"**Pick:** {swept['second']['reason']}" in text
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
