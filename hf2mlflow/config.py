@@ -320,11 +320,7 @@ class SweepConfig(Strict):
 
 def load_sweep(name_or_path: str) -> SweepConfig:
     """A shipped sweep name (configs/sweeps/NAME.yaml) or a path to a sweep YAML file."""
-    path = config_file("sweeps", name_or_path)
-    if path is None:
-        raise ConfigError(f"unknown sweep '{name_or_path}'; shipped sweeps: {', '.join(shipped('sweeps'))} "
-                          f"(or give a path to a sweep .yaml file)")
-    return _load_yaml(SweepConfig, path)
+    return _load_yaml(SweepConfig, _named_file("sweeps", name_or_path))
 
 
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -393,13 +389,18 @@ def config_file(kind: str, name_or_path: str) -> Optional[Path]:
     return shipped_file if shipped_file.is_file() else None
 
 
+def _named_file(kind: str, name_or_path: str) -> Path:
+    """The YAML file of a shipped config name or a path; ConfigError listing the shipped ones otherwise."""
+    path = config_file(kind, name_or_path)
+    if path is None:
+        raise ConfigError(f"unknown {kind[:-1]} '{name_or_path}'; shipped {kind}: {', '.join(shipped(kind))} "
+                          f"(or give a path to a {kind[:-1]} .yaml file)")
+    return path
+
+
 def load_target(name_or_path: str) -> Target:
     """A shipped target name (configs/targets/NAME.yaml) or a path to a target YAML file."""
-    path = config_file("targets", name_or_path)
-    if path is None:
-        raise ConfigError(f"unknown target '{name_or_path}'; shipped targets: {', '.join(shipped('targets'))} "
-                          f"(or give a path to a target .yaml file)")
-    return _load_yaml(Target, path)
+    return _load_yaml(Target, _named_file("targets", name_or_path))
 
 
 def load_transformers_target(name: str) -> Target:
@@ -415,10 +416,7 @@ def load_transformers_target(name: str) -> Target:
 
 def load_dataset_config(name_or_path: str) -> DatasetConfig:
     """A shipped dataset name (configs/datasets/NAME.yaml) or a path to a dataset YAML file."""
-    path = config_file("datasets", name_or_path)
-    if path is None:
-        raise ConfigError(f"unknown dataset '{name_or_path}'; shipped datasets: {', '.join(shipped('datasets'))} "
-                          f"(or give a path to a dataset .yaml file)")
+    path = _named_file("datasets", name_or_path)
     config = _load_yaml(DatasetConfig, path)
     # Relative to the YAML file, and never outside its folder: a config cannot read arbitrary files.
     data = (path.parent / config.path).resolve()
