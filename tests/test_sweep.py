@@ -31,7 +31,7 @@ def swept(tmp_path_factory):
         for name in ("sweep.md", "sweep.json", "pareto.png", "pick_target.yaml"):
             artifacts[name] = mlflow.artifacts.download_artifacts(run_id=latest.info.run_id, artifact_path=name,
                                                                    dst_path=str(root / "artifacts"))
-    return {"uri": uri, "first": first, "second": second, "runs": runs, "parents": parents, "alias": alias,
+    return {"root": root, "uri": uri, "first": first, "second": second, "runs": runs, "parents": parents, "alias": alias,
             "artifacts": artifacts, "latest": latest}
 
 
@@ -88,7 +88,7 @@ def test_the_pick_is_the_fastest_point_within_the_bound_registered_under_the_ali
     eligible = [p for p in result["points"] if p["within_bound"]]
     assert pick["decode_tokens_per_s"]["median"] == max(p["decode_tokens_per_s"]["median"] for p in eligible)
     assert result["pick"]["registered_model_uri"] == f"models:/{REGISTERED}@fastest"
-    assert swept["alias"].version == result["pick"]["version"] == pick["version_uri"].rsplit("/", 1)[1]
+    assert str(swept["alias"].version) == result["pick"]["version"] == pick["version_uri"].rsplit("/", 1)[1]
     assert swept["latest"].data.tags["sweep.pick"] == pick["label"]
     assert "the fastest of" in result["reason"] and "within the quality bound" in result["reason"]
     target = yaml.safe_load(open(swept["artifacts"]["pick_target.yaml"]))
@@ -96,7 +96,7 @@ def test_the_pick_is_the_fastest_point_within_the_bound_registered_under_the_ali
 
 
 def test_the_picked_model_answers(swept):
-    with local_store(swept["uri"].removeprefix("sqlite:///").rsplit("/", 1)[0]):
+    with local_store(swept["root"]):
         model = mlflow.pyfunc.load_model(f"models:/{REGISTERED}@fastest")
         (response,) = model.predict({"messages": [{"role": "user", "content": "What is the capital of France?"}],
                                      "max_tokens": 24})
@@ -113,7 +113,7 @@ def test_sweep_report_copies_the_runs_table_and_pick_out_of_the_store(swept, tmp
         import sweep_report
     finally:
         sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
-    with local_store(swept["uri"].removeprefix("sqlite:///").rsplit("/", 1)[0]):
+    with local_store(swept["root"]):
         text = sweep_report.main(["--output_dir", str(tmp_path)])  # the newest FINISHED sweep run
     assert swept["latest"].info.run_id in text and swept["second"]["table"] in text
     assert f"**Pick:** {swept['second']['reason']}" in text
