@@ -33,6 +33,7 @@ import collections
 import ctypes
 import gc
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -41,8 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_cpp_peer import (CHAT, LlamaRunner, extra_onnx, fresh, llama_cpp_problem, onnx_runtimes,  # noqa: E402
-                            shipped_gguf, versions)
+from llama_cpp_peer import (CHAT, LlamaRunner, extra_onnx, llama_cpp_problem, onnx_runtimes,  # noqa: E402
+                            own_cpu_seconds, quiet_fresh, shipped_gguf, versions, wait_until_idle)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOP = 12  # op types per table; the rest are summed in one row
@@ -96,7 +97,7 @@ def onnx_profile(folder: str, threads: int, tokens: int, messages: list[dict], p
     gc.collect()  # the session writes its trace when it closes
     traces = sorted(Path(prefix).parent.glob(Path(prefix).name + "*.json"))
     return {"unprofiled": unprofiled, "profiled": profiled, "trace": str(traces[-1]) if traces else "",
-            "warmup_runs": 4}
+            "warmup_runs": 4, "cpu_s": own_cpu_seconds()}
 
 
 def onnx_aggregate(trace: Path, warmup_runs: int) -> dict:
@@ -192,7 +193,7 @@ def llama_profile(path: str, threads: int, tokens: int, messages: list[dict]) ->
     return {"counters": plain, "sampler": sampler, "per_node_wall_ms": per_node_wall_ms,
             "ops": {phase: {op: {"ms": ms, "count": n} for op, (ms, n) in t.items()}
                     for phase, t in times.items() if phase != "warm-up"},
-            "forward_passes": {"prefill": 1, "decode": len(out) - 1}}
+            "forward_passes": {"prefill": 1, "decode": len(out) - 1}, "cpu_s": own_cpu_seconds()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +255,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="rewrite the op_profile block of docs/performance.md")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
-    args.command = "python benchmarks/op_profile.py" + "".join(f" {a}" for a in given if a != "--update-docs")
+    args.command = "python benchmarks/op_profile.py" + "".join(
+        f" {shlex.quote(a)}" for a in given if a != "--update-docs")
     return args
 
 
@@ -284,13 +286,16 @@ def main(argv=None) -> dict:
                     r["path"] = str(tmp / "cpu-int4")
         for r in runtimes:
             print(f"[profile] {r['name']}: onnxruntime profiler, {args.tokens} tokens", flush=True)
-            got = fresh(onnx_profile, r["path"], args.threads, args.tokens, CHAT, str(tmp / f"ort-{len(profiles)}"))
+            wait_until_idle()
+            got = quiet_fresh(onnx_profile, r["path"], args.threads, args.tokens, CHAT,
+                              str(tmp / f"ort-{len(profiles)}"))
             agg = onnx_aggregate(Path(got["trace"]), got["warmup_runs"])
             profiles[r["name"]] = {
                 "how": "onnxruntime profiler, kernel time per op_name", "unprofiled": got["unprofiled"],
                 "profiled": got["profiled"], "ops": {ph: a["ops"] for ph, a in agg.items()},
                 "per_token": {"prefill": got["profiled"]["prompt_tokens"], "decode": agg["decode"]["forward_passes"]},
                 "run_ms": {ph: a["run_ms"] for ph, a in agg.items()},
+                "background_cores": got["background_cores"],
                 "note": (f"Profiled: {got['profiled']['decode_tps']:.1f} tok/s; kernels cover "
                          f"{sum(o['ms'] for o in agg['decode']['ops'].values()) / agg['decode']['run_ms']:.0%} of "
                          f"the {agg['decode']['forward_passes']} decode forward passes' run time. Prefill ms per "
@@ -298,14 +303,15 @@ def main(argv=None) -> dict:
         if args.llama:
             path = shipped_gguf()
             print(f"[profile] llama.cpp Q4_1: counters, then per-node eval callback, {args.tokens} tokens", flush=True)
-            got = fresh(llama_profile, str(path), args.threads, args.tokens, CHAT)
+            wait_until_idle()
+            got = quiet_fresh(llama_profile, str(path), args.threads, args.tokens, CHAT)
             c = got["counters"]
             sampler = got["sampler"]
             profiles["llama.cpp Q4_1"] = {
                 "how": "llama.cpp eval callback on every graph node (per-node synchronization)",
                 "unprofiled": c, "counters": c, "sampler": sampler, "ops": got["ops"],
                 "per_token": {"prefill": c["prompt_tokens"], "decode": got["forward_passes"]["decode"]},
-                "per_node_wall_ms": got["per_node_wall_ms"],
+                "per_node_wall_ms": got["per_node_wall_ms"], "background_cores": got["background_cores"],
                 "note": (f"llama_perf_context: prompt eval {c['t_p_eval_ms']:.1f} ms for {c['n_p_eval']} tokens "
                          f"({c['t_p_eval_ms'] / max(c['n_p_eval'], 1):.2f} ms/token), eval {c['t_eval_ms']:.1f} ms "
                          f"for {c['n_eval']} tokens ({c['t_eval_ms'] / max(c['n_eval'], 1):.2f} ms/token)"
