@@ -15,7 +15,10 @@ What it compares, all on the same prompts and numbers of new tokens:
 4. `mlflow models serve` with 1, 4, 8 and 16 concurrent clients;
 5. conversion: time and builder peak RSS against the checkpoint's size; with --full-conversion also the full
    32-layer model in bf16, as published (benchmarks/convert_memory.py compares the two builder paths);
-6. time to first token for prompts of about 64, 1024 and 3000 tokens.
+6. time to first token for prompts of about 64, 1024 and 3000 tokens;
+7. llama.cpp beside our conversions on the same trained weights (SmolLM2-135M-Instruct, the shipped Q4_1 GGUF;
+   benchmarks/llama_cpp_peer.py, fewer rounds, no quality pass; --quick: llama.cpp Q4_1 alone), where
+   llama-cpp-python is installed (`pip install '.[llama]'`); elsewhere one line says it is skipped.
 
 Every model answers in fresh processes (its own load time and peak RSS), in rounds that interleave the models
 (A, B, C, A, B, C, ...) after a warm-up; figures are medians over rounds with their min-max. Time to first
@@ -26,7 +29,7 @@ artifacts, also written to benchmarks/results/ (suite-cuda.* for --device cuda).
 
 The parts: suite_setup.py (devices, the models compared), suite_measure.py (one model in a fresh process),
 suite_sections.py (the figures of each comparison), suite_report.py (results, tables, chart, MLflow run),
-docs_blocks.py (--update-docs).
+docs_blocks.py (--update-docs); llama_cpp_peer.py (section 7).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
 
 from docs_blocks import update_docs  # noqa: E402
+from llama_cpp_peer import suite_section as llama_cpp_section  # noqa: E402
 from suite_report import collect, log_run, report, write_results  # noqa: E402
 from suite_sections import parity, prompt_lengths, served, speed_rounds  # noqa: E402
 from suite_setup import DEVICES, cuda_problems, full_size_conversion, inputs, installed, models_store  # noqa: E402
@@ -100,8 +104,9 @@ def main(argv=None) -> dict:
                          1 if args.quick else 4, work / "serve.log")
         print("[prompt length] time to first token", flush=True)
         lengths = prompt_lengths(models["onnx-int4"], bench.tokenizer, bench.lengths, args.rounds)  # section 6
+        llama = llama_cpp_section(args.quick, args.rounds, args.max_tokens) if args.device == "cpu" else None  # 7
 
-    results = collect(args, bench, started, models, full, speed, agreement, serving, lengths)
+    results = collect(args, bench, started, models, full, speed, agreement, serving, lengths, llama)
     table = report(results)
     out, stem = write_results(results, table, args.output_dir)
     run = log_run(results, args, out, stem)

@@ -15,7 +15,7 @@ from suite_setup import DEVICES, has_bf16, installed
 
 
 def collect(args, inputs, started: float, models: dict, full, speed: dict, agreement: dict, serving: dict,
-            lengths: dict) -> dict:
+            lengths: dict, llama_cpp: dict | None = None) -> dict:
     """Everything measured, with the command, the machine and the versions it ran with."""
     import psutil
     import torch
@@ -41,7 +41,7 @@ def collect(args, inputs, started: float, models: dict, full, speed: dict, agree
         "versions": {p: installed(p) for p in ("mlflow", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime",
                                                "onnxruntime-gpu", "transformers", "torch") if installed(p)},
         "speed": speed, "targets": targets(speed), "parity": agreement, "served": serving,
-        "conversion": conversion, "prompt_lengths": lengths,
+        "conversion": conversion, "prompt_lengths": lengths, "llama_cpp": llama_cpp,
     }
 
 
@@ -99,6 +99,15 @@ def report(r: dict) -> str:
     add("|---|---|")
     for p in r["prompt_lengths"].values():
         add(f"| {p['prompt_tokens']} | {_range(p['ttft_ms'])} |")
+    if llama := r.get("llama_cpp"):
+        add("")
+        if "skipped" in llama:
+            add(f"llama.cpp (section 7): skipped, {llama['skipped']}.")
+        else:
+            add("llama.cpp beside our conversions, on another model: the trained SmolLM2-135M-Instruct "
+                "(benchmarks/llama_cpp_peer.py; no quality pass here).")
+            add("")
+            add(llama["table"].split("\n\n", 1)[1].rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +181,10 @@ def flat_metrics(r: dict) -> dict:
             metrics[key("conversion", name, figure)] = c[figure]
     for p in r["prompt_lengths"].values():
         metrics[key("ttft_ms_at_prompt", p["prompt_tokens"])] = p["ttft_ms"]["median"]
+    for name, s in ((r.get("llama_cpp") or {}).get("speed") or {}).items():
+        metrics[key("llama_peer", name, "decode_tps")] = s["decode_tps"]["median"]
+        for n, t in s["ttft_ms"].items():
+            metrics[key("llama_peer", name, f"ttft_ms_at_{n}")] = t["median"]
     return metrics
 
 

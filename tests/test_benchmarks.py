@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (smoke runs) and write their figures."""
 
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,61 @@ def test_suite_quick(tmp_path):
     assert run.data.metrics["onnx-int4.decode_tps"] == results["speed"]["onnx-int4"]["decode_tps"]["median"]
     assert {a.path for a in mlflow.MlflowClient(store).list_artifacts(run.info.run_id)} == {
         "suite.md", "suite.json", "suite.png"}
+    # Section 7, llama.cpp on the trained model: its rows where llama-cpp-python is installed, else one line.
+    if importlib.util.find_spec("llama_cpp") is None:
+        assert ("[llama.cpp] skipped: llama-cpp-python is not installed: pip install '.[llama]' (compiles llama.cpp "
+                "from source") in proc.stdout
+        assert "llama-cpp-python is not installed" in results["llama_cpp"]["skipped"]
+        assert "llama.cpp (section 7): skipped" in table
+    else:
+        llama = results["llama_cpp"]["speed"]["llama.cpp Q4_1"]
+        assert llama["decode_tps"]["median"] > 0 and llama["ttft_ms"]["64"]["median"] > 0
+        assert "| llama.cpp Q4_1 | Q4_1 GGUF as shipped |" in table
+        assert run.data.metrics["llama_peer.llama.cpp_Q4_1.decode_tps"] == llama["decode_tps"]["median"]
+
+
+def _peer_module():
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    try:
+        import llama_cpp_peer
+    finally:
+        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    return llama_cpp_peer
+
+
+def test_llama_cpp_peer_says_how_to_install(monkeypatch, capsys):
+    """Without llama-cpp-python the llama.cpp benchmark stops at once, non-zero, saying how to install it."""
+    peer, find_spec = _peer_module(), importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+    try:
+        peer.main([])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("llama_cpp_peer.main ran without llama-cpp-python")
+    assert "llama-cpp-python is not installed: pip install '.[llama]' (compiles llama.cpp from source, about" in (
+        capsys.readouterr().err)
+
+
+def test_llama_cpp_peer_smoke(tmp_path):
+    """llama.cpp on the shipped Q4_1 GGUF alone, one short round and 3 quality prompts (where it is installed)."""
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install '.[llama]')")
+    out = tmp_path / "peer"
+    proc = subprocess.run([sys.executable, "benchmarks/llama_cpp_peer.py", "--onnx-targets", "", "--llama-quants", "",
+                           "--rounds", "1", "--no-warmup", "--max-tokens", "8", "--limit", "3", "--output", str(out)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    speed = results["speed"]["llama.cpp Q4_1"]
+    assert speed["decode_tps"]["median"] > 0 and speed["new_tokens"] == 8
+    assert set(speed["ttft_ms"]) == {"64", "1024"} and speed["prompt_tokens"]["1024"] > 900
+    assert results["quality"]["llama.cpp Q4_1"]["n"] == 3
+    assert "| llama.cpp Q4_1 | Q4_1 GGUF as shipped |" in out.with_suffix(".md").read_text()
 
 
 def test_suite_quick_cuda(tmp_path):
