@@ -502,14 +502,13 @@ def quality(runtimes: list[dict], threads: int, dataset: str = "capitals-and-fac
 
 
 def length_prompts(lengths=LENGTHS) -> list[list[dict]]:
-    """Chat prompts of about `lengths` tokens (the model's Hugging Face tokenizer and template)."""
-    from transformers import AutoTokenizer
-
-    from hf2mlflow.config import load_model
-    from hf2mlflow.sources.resolve import resolve_model
+    """Chat prompts of about `lengths` tokens, by the model's tokenizer and template as the GGUF file holds them
+    (hf2mlflow.sources.gguf.byte_level_tokenizer: the tokenizer of the folder the project dequantizes, built in a
+    second without dequantizing anything)."""
+    from hf2mlflow.sources.gguf import byte_level_tokenizer
     from suite_setup import prompt_of_length
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(load_model(MODEL)).path)
+    tokenizer = byte_level_tokenizer(shipped_gguf())
     return [prompt_of_length(tokenizer, n) for n in lengths]
 
 
