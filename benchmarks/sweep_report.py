@@ -41,7 +41,8 @@ def newest_sweep_run():
 def block(run, result: dict) -> str:
     params = run.data.params
     minutes = (run.info.end_time - run.info.start_time) / 60000
-    failed = "".join(f"- {f['label']}: failed, {' '.join(f['error'].split())[:300]}\n" for f in result.get("failed", []))
+    failed = "".join(f"- {f['label']}: failed, {' '.join(f['error'].split())[:300]}\n"
+                     for f in result.get("failed", []))
     failed_count = f", {len(result['failed'])} failed" if result.get("failed") else ""
     limit = "" if params.get("eval_limit") in (None, "0") else f" (first {params['eval_limit']})"
     return (f"`mlflow run . -e sweep -P sweep={params['sweep']} -P model={params['model']}`: run {run.info.run_id}, "

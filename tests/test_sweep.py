@@ -31,8 +31,8 @@ def swept(tmp_path_factory):
         for name in ("sweep.md", "sweep.json", "pareto.png", "pick_target.yaml"):
             artifacts[name] = mlflow.artifacts.download_artifacts(run_id=latest.info.run_id, artifact_path=name,
                                                                    dst_path=str(root / "artifacts"))
-    return {"root": root, "uri": uri, "first": first, "second": second, "runs": runs, "parents": parents, "alias": alias,
-            "artifacts": artifacts, "latest": latest}
+    return {"root": root, "uri": uri, "first": first, "second": second, "runs": runs, "parents": parents,
+            "alias": alias, "artifacts": artifacts, "latest": latest}
 
 
 def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_children(swept):
