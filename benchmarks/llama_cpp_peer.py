@@ -50,6 +50,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hf2mlflow.measure import peak_rss_bytes  # noqa: E402
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 MODEL = "smollm2-135m-instruct"
@@ -360,20 +362,6 @@ def answer_all(runtime: dict, threads: int, conversations: list[list[dict]], max
         _, _, tokens = runner.generate(runner.encode(messages), max_new_tokens, stop_at_end=True)
         answers.append(runner.text(tokens).strip())
     return {"answers": answers}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS: VmHWM (ru_maxrss of a spawned child starts at its parent's size at the fork)."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def own_cpu_seconds() -> float:
