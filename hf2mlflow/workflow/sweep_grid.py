@@ -157,11 +157,12 @@ def within_bound(m: Measured, reference: Measured, config: SweepConfig) -> tuple
 
 
 def pick(measured: list[Measured], config: SweepConfig) -> tuple[Optional[Measured], str]:
-    """The fastest point (not the reference) within the quality bound, and why it won; None and why not when
-    no point keeps the bound."""
+    """The fastest point (not the reference) within the quality bound, the better quality breaking a tie, and
+    why it won; None and why not when no point keeps the bound."""
     (reference,) = [m for m in measured if m.point.key == REFERENCE]
     candidates = [(m, *within_bound(m, reference, config)) for m in measured if m.point.key != REFERENCE]
-    eligible = sorted((c for c in candidates if c[1]), key=lambda c: -c[0].decode_tokens_per_s)
+    # Fastest first; at equal speed, the better answers.
+    eligible = sorted((c for c in candidates if c[1]), key=lambda c: (-c[0].decode_tokens_per_s, -c[0].quality))
     if not eligible:
         return None, "no point keeps the quality bound: " + "; ".join(f"{m.point.label}: {why}"
                                                                        for m, _, why in candidates)

@@ -100,3 +100,9 @@ def test_no_pick_when_no_point_keeps_the_bound_and_the_reason_names_each_point()
     config = sweep(points=[{"builder_options.block_size": 64}], quality={"max_prompts_lost": 0})
     winner, reason = pick([measured(REFERENCE, 40, 9), measured(BASE, 100, 8)], config)
     assert winner is None and reason.startswith("no point keeps the quality bound") and "base: contains 8.0" in reason
+
+
+def test_at_equal_speed_the_better_quality_is_picked():
+    config = sweep(points=[{"builder_options.block_size": 64}])
+    winner, _ = pick([measured(REFERENCE, 40, 9), measured(BASE, 100, 7), measured("better", 100, 8)], config)
+    assert winner.point.key == "better"
