@@ -264,21 +264,33 @@ class LlamaRunner:
     def generate(self, ids: list[int], max_tokens: int, stop_at_end: bool) -> tuple[float, float, list[int]]:
         """(seconds to the first token, seconds to the last, tokens); a fresh KV cache (no prefix reuse)."""
         self.llm.reset()
-        out, first = [], 0.0
         start = time.perf_counter()
-        for token in self.llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                       reset=True):
-            if not out:
-                first = time.perf_counter() - start
-            if stop_at_end and self.is_end(token):
-                break
-            out.append(token)
-            if len(out) >= max_tokens:
-                break
-        return first, time.perf_counter() - start, out
+        tokens = self.llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True)
+        return timed_tokens(tokens, start, self.is_end if stop_at_end else None, max_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
+
+
+def timed_tokens(tokens, start: float, is_end, max_tokens: int) -> tuple[float, float, list[int]]:
+    """Take up to `max_tokens` from a runtime's token stream (stopping before an end token where `is_end` is
+    given): (seconds from `start` to the first token, to the last, the tokens)."""
+    out, first = [], 0.0
+    for token in tokens:
+        if not out:
+            first = time.perf_counter() - start
+        if is_end is not None and is_end(token):
+            break
+        out.append(token)
+        if len(out) >= max_tokens:
+            break
+    return first, time.perf_counter() - start, out
+
+
+def command_line(script: str, argv) -> str:
+    """The command as run, for the results (without --update-docs, which changes no figure)."""
+    given = sys.argv[1:] if argv is None else argv
+    return f"python benchmarks/{script}" + "".join(f" {shlex.quote(a)}" for a in given if a != "--update-docs")
 
 
 class OnnxRunner:
@@ -310,18 +322,13 @@ class OnnxRunner:
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids)
-        out, first = [], 0.0
-        while not generator.is_done():
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if not out:
-                first = time.perf_counter() - start
-            if stop_at_end and token in self.eos:
-                break
-            out.append(token)
-            if len(out) >= max_tokens:
-                break
-        return first, time.perf_counter() - start, out
+
+        def tokens():
+            while not generator.is_done():
+                generator.generate_next_token()
+                yield int(generator.get_next_tokens()[0])
+
+        return timed_tokens(tokens(), start, self.eos.__contains__ if stop_at_end else None, max_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens) if tokens else ""
@@ -721,9 +728,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown := [q for q in args.llama_quants if q not in LLAMA_QUANTS]:
         parser.error(f"unknown --llama-quants {', '.join(unknown)}; allowed: {', '.join(LLAMA_QUANTS)}")
     args.lengths = LENGTHS
-    given = sys.argv[1:] if argv is None else argv
-    args.command = "python benchmarks/llama_cpp_peer.py" + "".join(
-        f" {shlex.quote(a)}" for a in given if a != "--update-docs")
+    args.command = command_line("llama_cpp_peer.py", argv)
     return args
 
 

@@ -33,7 +33,6 @@ import collections
 import ctypes
 import gc
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llama_cpp_peer import (CHAT, LlamaRunner, extra_onnx, llama_cpp_problem, onnx_runtimes,  # noqa: E402
+from llama_cpp_peer import (CHAT, LlamaRunner, command_line, extra_onnx, llama_cpp_problem, onnx_runtimes,  # noqa: E402
                             own_cpu_seconds, quiet_fresh, shipped_gguf, versions, wait_until_idle)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -254,9 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--update-docs", action="store_true",
                         help="rewrite the op_profile block of docs/performance.md")
     args = parser.parse_args(argv)
-    given = sys.argv[1:] if argv is None else argv
-    args.command = "python benchmarks/op_profile.py" + "".join(
-        f" {shlex.quote(a)}" for a in given if a != "--update-docs")
+    args.command = command_line("op_profile.py", argv)
     return args
 
 
