@@ -96,6 +96,11 @@ def _model_digest(name_or_path: str) -> bytes:
     return name_or_path.encode()  # a hub id: its revision is pinned in the params or the model config
 
 
+def dataset_digest(name_or_path: str, dataset) -> str:
+    """What evaluate reads of a dataset: its YAML file and its JSONL file."""
+    return _sha256(config_file("datasets", name_or_path).read_bytes(), dataset.path.read_bytes())
+
+
 def _cache_key(entry_point: str, params: dict, upstream: dict, code: str, configs: str) -> str:
     return _sha256(json.dumps({"entry_point": entry_point, "params": params, "upstream": upstream,
                                "code_version": code, "configs": configs}, sort_keys=True).encode())
@@ -201,7 +206,7 @@ def run_chain(args: MainArgs) -> list[StepResult]:
         models = f"{pyfunc.run_id},{transformers.run_id}"
         chain.step("evaluate", {"models": models, "dataset": args.dataset, "limit": args.eval_limit},
                    {"log_pyfunc": pyfunc.run_id, "log_transformers": transformers.run_id},
-                   _sha256(config_file("datasets", args.dataset).read_bytes(), dataset.path.read_bytes()))
+                   dataset_digest(args.dataset, dataset))
         summary = [asdict(r) for r in chain.results]
         mlflow.log_dict({"code_version": chain.code, "steps": summary}, "chain.json")
         mlflow.log_text(_table(chain.results), "chain.txt")

@@ -27,7 +27,7 @@ from hf2mlflow.errors import ConfigError, StepError, fault_message
 from hf2mlflow.measure import measure_fresh
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import check_alias, print_run_summary, step_run
-from hf2mlflow.workflow.main import Chain, _model_digest, _sha256
+from hf2mlflow.workflow.main import Chain, _model_digest, _sha256, dataset_digest
 from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, pareto_front, pick, points, target_file,
                                            within_bound)
 
@@ -72,7 +72,8 @@ def _validate(args: SweepArgs):
     return config, base, reference, points(config, base, reference, where)
 
 
-def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registered: str, model: bytes) -> dict:
+def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registered: str, model: bytes,
+               datasets: str) -> dict:
     """The point's three steps, reused where their inputs did not change; returns its evaluate summary."""
     conversion, target = files["conversion"], files["target"]
     convert = chain.step("convert_onnx", {"model": args.model, "target": str(conversion)}, {},
@@ -80,10 +81,8 @@ def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registe
     pyfunc = chain.step("log_pyfunc", {"convert_run_id": convert.run_id, "target": str(target),
                                        "registered_model_name": registered, "alias": f"point-{point.key}"},
                         {"convert_onnx": convert.run_id}, _sha256(target.read_bytes()))
-    dataset_file = config_file("datasets", args.dataset)
-    dataset = load_dataset_config(args.dataset)
     evaluate = chain.step("evaluate", {"models": pyfunc.run_id, "dataset": args.dataset, "limit": args.eval_limit},
-                          {"log_pyfunc": pyfunc.run_id}, _sha256(dataset_file.read_bytes(), dataset.path.read_bytes()))
+                          {"log_pyfunc": pyfunc.run_id}, datasets)
     client = mlflow.MlflowClient()
     (summary,) = mlflow.artifacts.load_dict(f"runs:/{evaluate.run_id}/comparison.json")
     examples = int(client.get_run(evaluate.run_id).data.params["examples"])
@@ -177,6 +176,7 @@ def run_sweep(args: SweepArgs) -> dict:
         files[point.key] = {"conversion": target_file(folder, stem, point.conversion),
                             "target": target_file(folder, stem, point.target)}
     model = _model_digest(args.model)
+    datasets = dataset_digest(args.dataset, load_dataset_config(args.dataset))
     params = {**dataclasses.asdict(args), "base_target": base.name, "reference_target": reference.name,
               "points": len(grid), "quality_metric": config.quality.metric,
               "max_prompts_lost": config.quality.max_prompts_lost,
@@ -196,7 +196,8 @@ def run_sweep(args: SweepArgs) -> dict:
             chain = Chain(experiment_id, set(POINT_ORDER) if args.force else set(), POINT_ORDER,
                           f"{STEP} {number}/{len(grid)}")
             try:
-                built[point.key] = {**_run_point(chain, args, point, files[point.key], registered, model),
+                built[point.key] = {**_run_point(chain, args, point, files[point.key], registered, model,
+                                                       datasets),
                                     "child_run_id": child.info.run_id}
             except StepError as exc:
                 # A point the builder or runtime cannot make is a result of the sweep, not the end of it: its
