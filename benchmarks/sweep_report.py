@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
+from hf2mlflow.workflow.sweep_grid import failure_summary  # noqa: E402
 
 from docs_blocks import update_docs  # noqa: E402
 
@@ -41,7 +42,7 @@ def newest_sweep_run():
 def block(run, result: dict) -> str:
     params = run.data.params
     minutes = (run.info.end_time - run.info.start_time) / 60000
-    failed = "".join(f"- {f['label']}: failed, {' '.join(f['error'].split())[:300]}\n"
+    failed = "".join(f"- {f['label']}: {failure_summary(f['error'])}\n"
                      for f in result.get("failed", []))
     failed_count = f", {len(result['failed'])} failed" if result.get("failed") else ""
     limit = "" if params.get("eval_limit") in (None, "0") else f" (first {params['eval_limit']})"

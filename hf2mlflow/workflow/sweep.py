@@ -28,8 +28,8 @@ from hf2mlflow.measure import measure_fresh
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import check_alias, print_run_summary, step_run
 from hf2mlflow.workflow.main import Chain, _model_digest, _sha256, dataset_digest
-from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, pareto_front, pick, points, target_file,
-                                           within_bound)
+from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, failure_summary, pareto_front, pick,
+                                           points, target_file, within_bound)
 
 STEP = "sweep"
 POINT_ORDER = ("convert_onnx", "log_pyfunc", "evaluate")
@@ -160,9 +160,7 @@ def table(measured: list[Measured], front: list[Measured], winner, reference: Me
             f"{m.greedy_agreement:.0%} | {m.size_mib:.0f} | {m.peak_rss_mib:.0f} | {ok} | "
             f"{'yes' if m in front else ''} |")
     for entry in failed.values():
-        error = " ".join(entry["error"].split())
-        lines.append(f"| {entry['label']} | failed: {error[:160]}{'...' if len(error) > 160 else ''} |"
-                     " | | | | | no | |")
+        lines.append(f"| {entry['label']} | failed: {failure_summary(entry['error'], 100)} | | | | | | no | |")
     return "\n".join(lines)
 
 

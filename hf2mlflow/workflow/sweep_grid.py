@@ -55,6 +55,17 @@ def describe(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k.split('.', 1)[1]}={_text(v)}" for k, v in overrides.items()) or "as the base target"
 
 
+def failure_summary(error: str, width: int = 160) -> str:
+    """A failed point's error in one line: the step and run that failed, and the exception's own line (the last
+    of a builder's traceback), its middle cut when longer than `width`."""
+    where, _, rest = error.partition(": ") if error.startswith("step ") else ("", "", error)
+    lines = [line.strip() for line in rest.splitlines() if line.strip()] or ["(no message)"]
+    last = lines[-1] if len(lines) == 1 or ":" not in lines[0] else lines[0].split(": ", 1)[0] + ": " + lines[-1]
+    if len(last) > width:
+        last = last[:width // 2] + " ... " + last[-(width // 2):]
+    return f"{where}: {last}" if where else last
+
+
 def _text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 

@@ -6,7 +6,8 @@ import yaml
 
 from hf2mlflow.config import SweepConfig, load_sweep, load_target, shipped
 from hf2mlflow.errors import ConfigError
-from hf2mlflow.workflow.sweep_grid import BASE, REFERENCE, Measured, Point, pareto_front, pick, points, target_file
+from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, failure_summary, pareto_front, pick,
+                                           points, target_file)
 
 BASE_TARGET, REFERENCE_TARGET = load_target("cpu-int4"), load_target("cpu-fp32")
 
@@ -106,3 +107,14 @@ def test_at_equal_speed_the_better_quality_is_picked():
     config = sweep(points=[{"builder_options.block_size": 64}])
     winner, _ = pick([measured(REFERENCE, 40, 9), measured(BASE, 100, 7), measured("better", 100, 8)], config)
     assert winner.point.key == "better"
+
+
+def test_a_failed_point_is_summed_up_by_its_step_and_the_exception_line_of_the_traceback():
+    error = ("step convert_onnx failed in run abc: BuilderError: the model builder exited with status 1; its last "
+             "output:\n  File \"weight_only.py\", line 123\n    packed_zp = np.reshape(...)\n"
+             "ValueError: cannot reshape array of size 4320 into shape (960,newaxis)")
+    assert failure_summary(error) == ("step convert_onnx failed in run abc: BuilderError: ValueError: cannot reshape "
+                                      "array of size 4320 into shape (960,newaxis)")
+    long = failure_summary("step evaluate failed in run abc: RuntimeError: " + "x" * 300 + " shape:{49152,288}", 60)
+    assert long.startswith("step evaluate failed in run abc: RuntimeError: xx") and long.endswith("shape:{49152,288}")
+    assert " ... " in long and len(long) < 120
