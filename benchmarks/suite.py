@@ -42,12 +42,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
+from hf2mlflow.cuda import cuda_problems, install_hint  # noqa: E402
 
 from docs_blocks import update_docs  # noqa: E402
 from llama_cpp_peer import suite_section as llama_cpp_section  # noqa: E402
 from suite_report import collect, log_run, report, write_results  # noqa: E402
 from suite_sections import parity, prompt_lengths, served, speed_rounds  # noqa: E402
-from suite_setup import DEVICES, cuda_problems, full_size_conversion, inputs, installed, models_store  # noqa: E402
+from suite_setup import DEVICES, full_size_conversion, inputs, models_store  # noqa: E402
 from suite_setup import prepare_models  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -77,11 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "benchmarks/suite.py: error: --device cuda needs a usable CUDA GPU and a CUDA build of "
             "onnxruntime-genai; here:\n"
             + "".join(f"  - {p}\n" for p in problems)
-            + "Nothing was built or measured, and no results were written. To benchmark the cuda targets: on a "
-              "machine with an NVIDIA GPU and its driver, install a CUDA build of torch and onnxruntime-genai-cuda of "
-              f"the same version in place of onnxruntime-genai (pip uninstall -y onnxruntime-genai && pip install "
-              f"onnxruntime-genai-cuda=={installed('onnxruntime-genai') or 'VERSION'}: both provide the "
-              "onnxruntime_genai module), then run this again. Without --device cuda the suite benchmarks the CPU.")
+            + f"Nothing was built or measured, and no results were written. To benchmark the cuda targets: "
+              f"{install_hint()}, then run this again. Without --device cuda the suite benchmarks the CPU.")
     return args
 
 

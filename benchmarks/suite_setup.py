@@ -102,32 +102,6 @@ def has_bf16(device: str) -> bool:
     return cpu_has_bf16()
 
 
-def cuda_problems() -> list[str]:
-    """Why --device cuda cannot run here; empty where it can. Cheap: checked before anything is built."""
-    problems = []
-    import torch
-
-    if not torch.cuda.is_available():
-        build = ("a CPU-only build" if torch.version.cuda is None
-                 else f"built for CUDA {torch.version.cuda}, but it finds no usable GPU or driver")
-        problems.append(f"torch.cuda.is_available() is False (torch {torch.__version__}, {build}): the transformers "
-                        f"flavor cannot run on cuda")
-    try:
-        import onnxruntime_genai as og
-
-        genai_cuda, package = og.is_cuda_available(), getattr(og, "__id__", "onnxruntime-genai")
-    except Exception as exc:  # a broken CUDA build can fail to import
-        genai_cuda, package = False, f"onnxruntime_genai (does not import: {exc})"
-    if not genai_cuda:
-        version = installed("onnxruntime-genai-cuda")
-        problems.append(f"onnxruntime-genai has no CUDA execution provider (onnxruntime_genai.is_cuda_available() is "
-                        f"False; the module in use is {package}; "
-                        + (f"onnxruntime-genai-cuda {version} is installed, but not the module imported" if version
-                           else "the onnxruntime-genai-cuda package is not installed")
-                        + f"): the {' and '.join(DEVICES['cuda']['onnx'])} ONNX models cannot run")
-    return problems
-
-
 def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
     """Convert and log every model compared into a temporary store; returns name -> info."""
     import mlflow

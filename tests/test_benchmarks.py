@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from hf2mlflow import PROJECT_ROOT
 
 
@@ -218,3 +220,22 @@ def test_update_docs_rewrites_only_its_block(tmp_path):
         assert "has no <!-- batching:begin -->" in str(exc)
     else:
         raise AssertionError("update_docs wrote a file without the block")
+
+
+def test_cuda_check_refuses_without_a_gpu(tmp_path):
+    """benchmarks/cuda_check.py runs every cuda path on a GPU (a GPU machine runs it: see its docstring); where
+    the GPU or a CUDA build is missing it stops at once with exit 2, saying what is missing, and writes nothing."""
+    from hf2mlflow.cuda import cuda_problems
+
+    problems = cuda_problems()
+    if not problems:
+        pytest.skip("a GPU and the CUDA builds are here: run benchmarks/cuda_check.py itself (minutes), not this test")
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "benchmarks/cuda_check.py", "--out", str(out)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.perf_counter() - start < 60
+    assert "the CUDA check needs an NVIDIA GPU" in proc.stderr
+    assert "Nothing was run and nothing was written" in proc.stderr
+    assert all(p in proc.stderr for p in problems) and "onnxruntime-genai-cuda==" in proc.stderr
+    assert "benchmarks/cuda_check_pack.py" in proc.stderr and not out.exists() and proc.stdout == ""

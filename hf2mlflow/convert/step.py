@@ -103,18 +103,33 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
 
         print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
         check_genai_files(out, target.execution_provider)
-        if target.execution_provider == "cpu":
-            # fp32 must reproduce PyTorch's greedy answer; quantized weights may rightly part from it.
-            _log_validation(validate_genai_model(out, source_dir=resolved.path,
-                                                 compare_greedy=target.precision == "fp32"))
+        skipped = generation_skipped(target.execution_provider)
+        if skipped:
+            # A model for a device this machine lacks cannot generate here; say so instead of pretending.
+            mlflow.set_tag("validation", f"graph checked; generation skipped: {skipped}")
+            print(f"[{STEP}] graph checked; generation skipped: {skipped}")
         else:
-            # A cpu build of onnxruntime-genai cannot run cuda/dml/webgpu graphs; say so instead of pretending.
-            mlflow.set_tag("validation",
-                           f"graph checked; generation skipped: needs a {target.execution_provider} device")
-            print(f"[{STEP}] graph checked; generation skipped: a {target.execution_provider} model needs that device")
+            # fp32 must reproduce PyTorch's greedy answer; quantized or fp16 weights may rightly part from it.
+            check = validate_genai_model(out, source_dir=resolved.path, compare_greedy=target.precision == "fp32")
+            _log_validation(check)
+            mlflow.set_tag("validation", f"graph checked; generated on {target.execution_provider}")
+            print(f"[{STEP}] generated on {target.execution_provider}: {check.text[:80]!r}")
 
         genai_config = json.loads((out / "genai_config.json").read_text())
         _log_model_folder(out, genai_config["model"].get("context_length", ""))
+
+
+def generation_skipped(execution_provider: str) -> str:
+    """Why a model for this provider cannot generate here ('' where it can): cuda needs a GPU and
+    onnxruntime-genai-cuda; dml and webgpu are never checked here."""
+    if execution_provider == "cpu":
+        return ""
+    if execution_provider == "cuda":
+        from hf2mlflow.cuda import genai_cuda_problem
+
+        problem = genai_cuda_problem()
+        return f"needs a cuda device: {problem}" if problem else ""
+    return f"needs a {execution_provider} device"
 
 
 def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
