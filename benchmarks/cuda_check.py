@@ -283,19 +283,31 @@ def run_suite(check: Check, name: str, extra: list[str], need_s: float) -> None:
         entry["results"] = json.loads((out / "suite-cuda.json").read_text())
 
 
-def tee_output(log: Path) -> None:
-    """Everything this process and its children write (C libraries too) goes to the log as well."""
+@contextlib.contextmanager
+def tee_output(log: Path):
+    """Everything this process and its children write (C libraries too) goes to the log as well; the log is
+    complete when this returns."""
     tee = subprocess.Popen(["tee", "-a", str(log)], stdin=subprocess.PIPE)
     sys.stdout.flush()
     sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
     os.dup2(tee.stdin.fileno(), 1)
     os.dup2(tee.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        tee.stdin.close()
+        tee.wait()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for cuda_check.json, cuda_check.log and the suite's files")
-    parser.add_argument("--budget-s", type=float, default=540,
+    parser.add_argument("--budget-s", type=float, default=520,
                         help="seconds the whole check may take; the suite runs only within what is left")
     parser.add_argument("--no-suite", action="store_true", help="skip stage 4 (benchmarks/suite.py)")
     args = parser.parse_args(argv)
@@ -312,30 +324,30 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tee_output(out / "cuda_check.log")
-    check = Check(out, args.budget_s)
-    print(f"[cuda-check] {json.dumps(check.report['machine'])}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="cuda-check-") as store:
-        import mlflow
+    with tee_output(out / "cuda_check.log"):
+        check = Check(out, args.budget_s)
+        print(f"[cuda-check] {json.dumps(check.report['machine'])}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="cuda-check-") as store:
+            import mlflow
 
-        os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{store}/mlflow.db"
-        mlflow.set_tracking_uri(uri)
-        models = ["tiny-phi3", *([TRAINED] if trained_cached() else [])]
-        check.report["models"] = models
-        if TRAINED not in models:
-            print(f"[cuda-check] {TRAINED}: its GGUF file is not cached; only tiny-phi3 is checked", flush=True)
-        for model in models:
-            check_model(check, model)
-            check_transformers(check, model)
-        if not args.no_suite:
-            run_suite(check, "suite-quick", ["--quick"], need_s=60)
-            run_suite(check, "suite", ["--rounds", "1"], need_s=240)
-    check.write()
-    stages = check.report["stages"].values()
-    print(f"\n[cuda-check] {sum(s['passed'] for s in stages)} of {len(stages)} stages passed on "
-          f"{check.report['machine']['gpu']}; "
-          f"report: {out / 'cuda_check.json'}, log: {out / 'cuda_check.log'}", flush=True)
-    return 1 if check.failed else 0
+            os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{store}/mlflow.db"
+            mlflow.set_tracking_uri(uri)
+            models = ["tiny-phi3", *([TRAINED] if trained_cached() else [])]
+            check.report["models"] = models
+            if TRAINED not in models:
+                print(f"[cuda-check] {TRAINED}: its GGUF file is not cached; only tiny-phi3 is checked", flush=True)
+            for model in models:
+                check_model(check, model)
+                check_transformers(check, model)
+            if not args.no_suite:
+                run_suite(check, "suite-quick", ["--quick"], need_s=60)
+                run_suite(check, "suite", ["--rounds", "1"], need_s=240)
+        check.write()
+        stages = check.report["stages"].values()
+        print(f"\n[cuda-check] {sum(s['passed'] for s in stages)} of {len(stages)} stages passed on "
+              f"{check.report['machine']['gpu']}; "
+              f"report: {out / 'cuda_check.json'}, log: {out / 'cuda_check.log'}", flush=True)
+        return 1 if check.failed else 0
 
 
 if __name__ == "__main__":
