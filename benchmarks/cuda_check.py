@@ -110,18 +110,13 @@ class Check:
 def machine() -> dict:
     import torch
 
-    from hf2mlflow.contract import genai_version
+    from hf2mlflow.contract import genai_version, installed
 
     props = torch.cuda.get_device_properties(0)
     smi = shutil.which("nvidia-smi") and subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
         capture_output=True, text=True).stdout.strip()
-    versions = {}
-    for package in ("mlflow", "onnxruntime-gpu", "transformers", "tokenizers", "numpy"):
-        with contextlib.suppress(Exception):
-            import importlib.metadata
-
-            versions[package] = importlib.metadata.version(package)
+    versions = {p: installed(p) for p in ("mlflow", "onnxruntime-gpu", "transformers", "tokenizers", "numpy")}
     return {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": round(props.total_memory / 2**30, 1),
             "compute_capability": f"{props.major}.{props.minor}", "nvidia_smi": smi or "",
             "torch": torch.__version__, "torch_cuda": torch.version.cuda, "onnxruntime-genai": genai_version(),

@@ -583,7 +583,7 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    from suite_setup import installed
+    from hf2mlflow.contract import installed
 
     out = {p: installed(p) for p in ("llama-cpp-python", "onnxruntime-genai", "onnxruntime") if installed(p)}
     try:

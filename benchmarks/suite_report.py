@@ -11,7 +11,8 @@ import re
 import time
 from pathlib import Path
 
-from suite_setup import DEVICES, has_bf16, installed
+from hf2mlflow.contract import installed
+from suite_setup import DEVICES, has_bf16
 
 
 def collect(args, inputs, started: float, models: dict, full, speed: dict, agreement: dict, serving: dict,

@@ -6,7 +6,6 @@ The models are converted and logged into a temporary MLflow store (`models_store
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import os
 import re
@@ -76,14 +75,6 @@ def models_store(device: str, user_tracking_uri: str):
         finally:
             os.environ["MLFLOW_TRACKING_URI"] = user_tracking_uri
             mlflow.set_tracking_uri(user_tracking_uri)
-
-
-def installed(package: str) -> str:
-    """The package's version; '' where it is not installed."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 def cpu_has_bf16() -> bool:

@@ -30,6 +30,14 @@ GENAI_PACKAGE = {"cpu": "onnxruntime-genai", "webgpu": "onnxruntime-genai", "cud
 ORT_PACKAGE = {"cpu": "onnxruntime", "cuda": "onnxruntime-gpu"}
 
 
+def installed(package: str) -> str:
+    """The package's version; '' where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def genai_version() -> str:
     """The version of whichever onnxruntime-genai build provides the module (onnxruntime-genai, -cuda or
     -directml: each installs `onnxruntime_genai`, in place of the others)."""

@@ -6,8 +6,9 @@ Each check is cheap and says in words what is missing, so a caller can refuse be
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 from typing import Optional
+
+from hf2mlflow.contract import installed
 
 
 def visible_gpus() -> int:
@@ -23,13 +24,6 @@ def visible_gpus() -> int:
     return count.value
 
 
-def _installed(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
 def genai_cuda_problem() -> Optional[str]:
     """Why onnxruntime-genai cannot run a cuda model here; None where it can."""
     try:
@@ -39,7 +33,7 @@ def genai_cuda_problem() -> Optional[str]:
     except Exception as exc:  # a CUDA build whose libraries are missing fails to import
         has_cuda, module = False, f"onnxruntime_genai (does not import: {exc})"
     if not has_cuda:
-        version = _installed("onnxruntime-genai-cuda")
+        version = installed("onnxruntime-genai-cuda")
         return ("onnxruntime-genai has no CUDA execution provider (onnxruntime_genai.is_cuda_available() is False; "
                 f"the module in use is {module}; "
                 + (f"onnxruntime-genai-cuda {version} is installed, but another build's module is imported)"
@@ -73,7 +67,7 @@ def cuda_problems() -> list[str]:
 
 def install_hint() -> str:
     """What a user does to run the cuda targets, in one sentence."""
-    version = _installed("onnxruntime-genai") or _installed("onnxruntime-genai-cuda") or "VERSION"
+    version = installed("onnxruntime-genai") or installed("onnxruntime-genai-cuda") or "VERSION"
     return ("on a machine with an NVIDIA GPU and its driver, install a CUDA build of torch and onnxruntime-genai-cuda "
             "of the same version in place of onnxruntime-genai (pip uninstall -y onnxruntime-genai && pip install "
             f"onnxruntime-genai-cuda=={version}: both provide the onnxruntime_genai module)")

@@ -39,7 +39,7 @@ STEPS = {"convert", "log_model", "evaluate", "batch", "workflow", "serve", "data
 # What every step may import besides itself: the package root (PROJECT_ROOT, CONFIGS_DIR), the shared modules,
 # the model sources and the runtime.
 SHARED = {"config", "contract", "errors", "tracking", "parity", "logged_models", "datasets", "measure", "sources",
-          "runtime"}
+          "runtime", "cuda"}
 NOT_CODE = {"configs"}  # package data (hf2mlflow/configs/*/*)
 
 
