@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${CUDA_CHECK_STAGE:-/tmp/hf2mlflow-cuda-check}
-python3 benchmarks/cuda_check_pack.py stage --into "$stage" || exit $?
+python3 benchmarks/cuda_check_pack.py stage --into "$stage" --parts "${CUDA_CHECK_PARTS:-.cuda-check}" || exit $?
 site="$stage/site"
 export PYTHONPATH="$site:$PWD" PATH="$site/bin:$PATH" HF2MLFLOW_HOME="$stage/home" HF_HUB_OFFLINE=1
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1

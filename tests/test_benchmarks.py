@@ -239,3 +239,43 @@ def test_cuda_check_refuses_without_a_gpu(tmp_path):
     assert "Nothing was run and nothing was written" in proc.stderr
     assert all(p in proc.stderr for p in problems) and "onnxruntime-genai-cuda==" in proc.stderr
     assert "benchmarks/cuda_check_pack.py" in proc.stderr and not out.exists() and proc.stdout == ""
+
+
+def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
+    """benchmarks/cuda_check.sh, as each call on a GPU machine runs it: rc 3 while parts are to come; once the
+    last is in, it unpacks them and runs benchmarks/cuda_check.py (here it refuses: no GPU)."""
+    import io
+    import tarfile
+
+    from hf2mlflow.cuda import cuda_problems
+
+    if not cuda_problems():
+        pytest.skip("a GPU is here: the check would run in full")
+    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+    try:
+        from cuda_check_pack import write_parts
+    finally:
+        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    archive = tmp_path / "pack.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        data = b"# a package from the pack\n" + bytes(4000)
+        info = tarfile.TarInfo("site/packed_marker.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    parts = tmp_path / "pack"
+    write_parts(archive, parts, archive.stat().st_size // 2 + 1, ["packed_marker-1.0-py3-none-any.whl"], "")
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    env = dict(os.environ, CUDA_CHECK_STAGE=str(stage), OUT=str(out))
+    results = []
+    for k in (1, 2):
+        carried = tmp_path / f"call-{k}"
+        (carried / f"part-{k}").mkdir(parents=True)
+        for f in (parts / f"part-{k}").iterdir():
+            (carried / f"part-{k}" / f.name).write_bytes(f.read_bytes())
+        results.append(subprocess.run(["bash", "benchmarks/cuda_check.sh"], cwd=PROJECT_ROOT, capture_output=True,
+                                      text=True, timeout=120, env=dict(env, CUDA_CHECK_PARTS=str(carried))))
+    first, last = results
+    assert first.returncode == 3 and "1 of 2 chunks staged" in first.stdout
+    assert "still to come: chunk-02" in first.stdout
+    assert "unpacked 1 packages" in last.stdout and (stage / "site" / "packed_marker.py").is_file()
+    assert last.returncode == 2 and "the CUDA check needs an NVIDIA GPU" in last.stderr and not out.exists()
