@@ -15,6 +15,8 @@ For tiny-phi3 and, where its GGUF file is cached, the trained SmolLM2-135M-Instr
    they agree in full, its chat text through the pyfunc is the cpu-fp32 pyfunc's. int4 is held to no equality
    (4-bit weights change answers): its agreement is reported;
 3. log_transformers with the cuda-fp16 target (float16 on the GPU), loaded through MLflow onto the GPU, chatting;
+   then the cuda int4 and fp16 pyfuncs and the transformers flavor side by side: tokens/s of greedy answers,
+   interleaved, median of 3 rounds, and the ratios to the transformers flavor;
 4. benchmarks/suite.py --device cuda --quick, then the 4-layer Phi-3-mini-shaped run (one round) if time is left.
 
 Writes DIR/cuda_check.json (each stage: passed or failed, its figures, its error; rewritten after every stage) and
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,7 +212,8 @@ def onnx_parity(source: Path, onnx_dir: Path, precision: str) -> dict:
     return {"prompts": prompts}
 
 
-def check_model(check: Check, model: str) -> None:
+def check_model(check: Check, model: str) -> dict:
+    """Stages 1 and 2 for one model; returns the cuda pyfuncs loaded (name -> model) for the speed stage."""
     import mlflow
 
     from hf2mlflow.convert.step import ConvertArgs, convert
@@ -225,7 +229,7 @@ def check_model(check: Check, model: str) -> None:
                          artifact_mib=round(run.data.metrics.get("artifact_bytes", 0) / 2**20, 1))
             if target.startswith("cuda") and entry["validation"] != "graph checked; generated on cuda":
                 raise RuntimeError(f"the step did not generate on the GPU: {entry['validation']}")
-    texts, source = {}, source_folder(model)
+    texts, source, kept = {}, source_folder(model), {}
     for target in ("cpu-fp32", "cuda-fp16", "cuda-int4"):
         if target not in runs:
             continue
@@ -239,11 +243,11 @@ def check_model(check: Check, model: str) -> None:
             print(f"[chat] {target}: {texts[target]}", flush=True)
             if not all(t.strip() for t in texts[target]):
                 raise RuntimeError(f"an empty answer: {texts[target]}")
-            if target.startswith("cuda") and entry["gpu_mib_taken_by_load"] <= 0:
-                raise RuntimeError("loading the model took no GPU memory: it did not load onto the GPU")
-            del loaded
             if target == "cpu-fp32":
                 continue
+            if entry["gpu_mib_taken_by_load"] <= 0:
+                raise RuntimeError("loading the model took no GPU memory: it did not load onto the GPU")
+            kept[f"onnx {target}"] = loaded
             onnx_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{runs[target]}/onnx"))
             entry["parity"] = onnx_parity(source, onnx_dir, target.split("-")[1])
             if target == "cuda-fp16":
@@ -255,9 +259,11 @@ def check_model(check: Check, model: str) -> None:
                     if same and ours != theirs:
                         raise RuntimeError(f"equal greedy tokens, yet the pyfunc's text differs from the cpu-fp32 "
                                            f"pyfunc's: {ours!r} vs {theirs!r}")
+    return kept
 
 
-def check_transformers(check: Check, model: str) -> None:
+def check_transformers(check: Check, model: str) -> dict:
+    """Stage 3 for one model; returns the loaded pyfunc (name -> model) for the speed stage."""
     import mlflow
     import torch
 
@@ -279,8 +285,38 @@ def check_transformers(check: Check, model: str) -> None:
                                f"{entry['torch_gpu_mib_taken_by_load']} MiB taken)")
         if not all(a.strip() for a in entry["answers"]):
             raise RuntimeError(f"an empty answer: {entry['answers']}")
-        del loaded
-        torch.cuda.empty_cache()
+        return {"transformers float16": loaded}
+    return {}
+
+
+def check_speed(check: Check, model: str, loaded: dict, rounds: int = 3, max_tokens: int = 64) -> None:
+    """The loaded models side by side on the GPU, through their pyfuncs in this process: one greedy answer per
+    model per round, the models interleaved, after a warm-up answer each; the median tokens/s per model and its
+    ratio to the transformers flavor's."""
+    if not loaded:
+        return
+    with check.stage(f"{model} speed on the GPU, side by side") as entry:
+        request = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+                   "max_tokens": max_tokens, "temperature": 0.0}
+        rates, tokens = {name: [] for name in loaded}, {}
+        for pyfunc in loaded.values():  # warm-up
+            pyfunc.predict(request)
+        for _ in range(rounds):
+            for name, pyfunc in loaded.items():
+                start = time.perf_counter()
+                answer = pyfunc.predict(request)[0]
+                tokens[name] = answer["usage"]["completion_tokens"]
+                rates[name].append(tokens[name] / (time.perf_counter() - start))
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        base = medians.get("transformers float16")
+        entry["tokens_per_s"] = {name: {"median": round(m, 1), "min": round(min(rates[name]), 1),
+                                        "max": round(max(rates[name]), 1),
+                                        "vs_transformers_float16": round(m / base, 2) if base else None,
+                                        "completion_tokens": tokens[name]}
+                                 for name, m in medians.items()}
+        entry.update(rounds=rounds, max_tokens=max_tokens)
+        for name, figures in entry["tokens_per_s"].items():
+            print(f"[speed] {model} {name}: {figures}", flush=True)
 
 
 def run_suite(check: Check, name: str, extra: list[str], need_s: float) -> None:
@@ -369,8 +405,9 @@ def main(argv=None) -> int:
             if TRAINED not in models:
                 print(f"[cuda-check] {TRAINED}: its GGUF file is not cached; only tiny-phi3 is checked", flush=True)
             for model in models:
-                check_model(check, model)
-                check_transformers(check, model)
+                loaded = {**check_model(check, model), **check_transformers(check, model)}
+                check_speed(check, model, loaded)
+                del loaded
             if not args.no_suite:
                 run_suite(check, "suite-quick", ["--quick"], need_s=60)
                 run_suite(check, "suite", ["--rounds", "1"], need_s=240)
