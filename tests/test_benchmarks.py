@@ -279,3 +279,18 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
     assert "still to come: chunk-02" in first.stdout
     assert "unpacked 1 packages" in last.stdout and (stage / "site" / "packed_marker.py").is_file()
     assert last.returncode == 2 and "the CUDA check needs an NVIDIA GPU" in last.stderr and not out.exists()
+
+
+def test_served_gap_quick(tmp_path):
+    """The logged pyfunc, batch-invariant and not, beside the bare loop on the same files, in one table."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    proc = subprocess.run([sys.executable, "benchmarks/served_gap.py", "--quick", "--output_dir", str(tmp_path)],
+                          cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "served_gap.json").read_text())
+    assert list(results["speed"]) == ["bare onnxruntime-genai loop", "pyfunc, batch-invariant (default)",
+                                      "pyfunc, one-row lone"]
+    assert all(figures["decode_tps"]["median"] > 0 for figures in results["speed"].values())
+    table = (tmp_path / "served_gap.md").read_text()
+    assert "| bare onnxruntime-genai loop |" in table and "| 1.00x |" in table and table in proc.stdout
