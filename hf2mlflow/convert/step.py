@@ -105,7 +105,7 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
         check_genai_files(out, target.execution_provider)
         skipped = generation_skipped(target.execution_provider)
         if skipped:
-            # A model for a device this machine lacks cannot generate here; say so instead of pretending.
+            # Without its device a model cannot generate; say so instead of pretending.
             mlflow.set_tag("validation", f"graph checked; generation skipped: {skipped}")
             print(f"[{STEP}] graph checked; generation skipped: {skipped}")
         else:
