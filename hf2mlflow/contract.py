@@ -11,6 +11,9 @@ from dataclasses import dataclass
 CONVERT_STEP = "convert_onnx"
 LOG_PYFUNC_STEP = "log_pyfunc"
 LOG_TRANSFORMERS_STEP = "log_transformers"
+EVALUATE_STEP = "evaluate"
+# The steps of `main`, in the order they run.
+CHAIN_ORDER = (CONVERT_STEP, LOG_PYFUNC_STEP, LOG_TRANSFORMERS_STEP, EVALUATE_STEP)
 
 # Artifacts of a convert_onnx run.
 ONNX_ARTIFACT_PATH = "onnx"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import errno
+import importlib
 import sys
 
 
@@ -44,28 +43,17 @@ def fault_message(exc: BaseException) -> str | None:
     return None
 
 
-def _parse_args(parser, args_class, argv):
-    """The step's dataclass from argv. An argument it does not have (`mlflow run` passes a misspelled -P name on
-    as one) is refused like a bad value, with the allowed ones."""
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        names = [f.name for f in dataclasses.fields(args_class)]
-        flag = next((u for u in unknown if u.startswith("-")), "").lstrip("-").split("=")[0].replace("-", "_")
-        hint = difflib.get_close_matches(flag, names, n=1)
-        parser.error(f"unknown argument(s) {' '.join(unknown)}; allowed: {', '.join('--' + n for n in names)}"
-                     + (f" (did you mean --{hint[0]}?)" if hint else ""))
-    return args
+def run_step(step: str, args_class, step_fn: str, argv=None):
+    """Parse `args_class` (a dataclass) from argv, then import `step_fn` ("package.module:function") and run
+    it on the arguments, turning StepErrors and machine faults (full disk, unreachable tracking server) into a
+    clean exit that says what happened. The step's module is imported only once the arguments parse, so
+    `--help` and a bad argument answer at once."""
+    from hf2mlflow.step_args import parse_step_args
 
-
-def run_step(step: str, args_class, step_fn, argv=None):
-    """Parse `args_class` (a dataclass) from argv, run `step_fn(args)`, turn StepErrors and machine faults
-    (full disk, unreachable tracking server) into a clean exit that says what happened."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(args_class, prog=f"{step}")
-    args = _parse_args(parser, args_class, argv)
+    args = parse_step_args(args_class, argv, prog=step)
+    module, function = step_fn.split(":")
     try:
-        return step_fn(args)
+        return getattr(importlib.import_module(module), function)(args)
     except StepError as exc:
         print(f"\n[{step}] FAILED: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc

@@ -6,12 +6,12 @@ from pathlib import Path
 # Import the package of the project being run (also a `mlflow run <git-url>` clone), not another copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf2mlflow.batch.step import BatchInferArgs, batch_infer  # noqa: E402
 from hf2mlflow.errors import run_step  # noqa: E402
+from hf2mlflow.step_args import BatchInferArgs  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    return run_step("batch_infer", BatchInferArgs, batch_infer, argv)
+    return run_step("batch_infer", BatchInferArgs, "hf2mlflow.batch.step:batch_infer", argv)
 
 
 if __name__ == "__main__":

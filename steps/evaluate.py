@@ -7,11 +7,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.evaluate.step import EvaluateArgs, evaluate  # noqa: E402
+from hf2mlflow.step_args import EvaluateArgs  # noqa: E402
 
 
 def main(argv=None) -> str:
-    return run_step("evaluate", EvaluateArgs, evaluate, argv)
+    return run_step("evaluate", EvaluateArgs, "hf2mlflow.evaluate.step:evaluate", argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
+from hf2mlflow.step_args import LogPyfuncArgs  # noqa: E402
 
 
 def main(argv=None) -> str:
-    return run_step("log_pyfunc", LogPyfuncArgs, log_pyfunc, argv)
+    return run_step("log_pyfunc", LogPyfuncArgs, "hf2mlflow.log_model.pyfunc:log_pyfunc", argv)
 
 
 if __name__ == "__main__":

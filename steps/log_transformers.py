@@ -7,11 +7,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers  # noqa: E402
+from hf2mlflow.step_args import LogTransformersArgs  # noqa: E402
 
 
 def main(argv=None) -> str:
-    return run_step("log_transformers", LogTransformersArgs, log_transformers, argv)
+    return run_step("log_transformers", LogTransformersArgs,
+                    "hf2mlflow.log_model.transformers_flavor:log_transformers", argv)
 
 
 if __name__ == "__main__":

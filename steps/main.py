@@ -7,11 +7,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.workflow.main import MainArgs, main as run_main  # noqa: E402
+from hf2mlflow.step_args import MainArgs  # noqa: E402
 
 
 def main(argv=None) -> str:
-    return run_step("main", MainArgs, run_main, argv)
+    return run_step("main", MainArgs, "hf2mlflow.workflow.main:main", argv)
 
 
 if __name__ == "__main__":

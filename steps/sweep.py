@@ -8,11 +8,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow.errors import run_step  # noqa: E402
-from hf2mlflow.workflow.sweep import SweepArgs, main as run_sweep  # noqa: E402
+from hf2mlflow.step_args import SweepArgs  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    return run_step("sweep", SweepArgs, run_sweep, argv)
+    return run_step("sweep", SweepArgs, "hf2mlflow.workflow.sweep:main", argv)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,16 @@
 import dataclasses
 import importlib.metadata
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
 import yaml
 
 from hf2mlflow import PROJECT_ROOT
-from hf2mlflow.batch.step import BatchInferArgs
-from hf2mlflow.convert.step import ConvertArgs
-from hf2mlflow.evaluate.step import EvaluateArgs
-from hf2mlflow.log_model.pyfunc import LogPyfuncArgs
-from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs
-from hf2mlflow.workflow.main import MainArgs
-from hf2mlflow.workflow.sweep import SweepArgs
+from hf2mlflow.step_args import (BatchInferArgs, ConvertArgs, EvaluateArgs, LogPyfuncArgs, LogTransformersArgs,
+                                 MainArgs, SweepArgs, parse_step_args)
 
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 CONDA = yaml.safe_load((PROJECT_ROOT / "conda.yaml").read_text())
@@ -69,8 +66,6 @@ def test_every_entry_point_is_a_step_dataclass():
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_mlproject_parameters_are_the_step_dataclass(entry_point):
     """MLproject's parameters, their defaults and the command line are the dataclass's fields, in order."""
-    from transformers import HfArgumentParser
-
     args_class = ENTRY_POINTS[entry_point]
     assert MLPROJECT["conda_env"] == "conda.yaml"
     entry = MLPROJECT["entry_points"][entry_point]
@@ -79,18 +74,29 @@ def test_mlproject_parameters_are_the_step_dataclass(entry_point):
     required = [f.name for f in fields if f.default is dataclasses.MISSING]
     assert [n for n, p in entry["parameters"].items() if not isinstance(p, dict) or "default" not in p] == required
     argv = [a for n in required for a in (f"--{n}", "x")]
-    defaults = dataclasses.asdict(HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)[0])
+    defaults = dataclasses.asdict(parse_step_args(args_class, argv, entry_point))
     for field in fields:
         assert f"--{field.name} {{{field.name}}}" in entry["command"]
         if field.name in required:
             continue
         spec = entry["parameters"][field.name]
         # MLproject passes the default as text; parsed as the step parses it, it is the dataclass's default.
-        parsed = HfArgumentParser(args_class).parse_args_into_dataclasses(
-            args=argv + [f"--{field.name}", str(spec["default"])])[0]
+        parsed = parse_step_args(args_class, argv + [f"--{field.name}", str(spec["default"])], entry_point)
         assert getattr(parsed, field.name) == defaults[field.name] == field.default, field.name
     assert entry["command"].split()[1] == f"steps/{entry_point}.py"
     assert (PROJECT_ROOT / "steps" / f"{entry_point}.py").is_file()
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_step_help_imports_nothing_heavy(entry_point):
+    """`--help` (and argument parsing) loads neither torch, transformers, mlflow nor onnxruntime-genai: the step's
+    own module is imported only once its arguments are good."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", f"steps/{entry_point}.py", "--help"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(f"--{f.name}" in proc.stdout for f in dataclasses.fields(ENTRY_POINTS[entry_point]))
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "transformers", "mlflow", "onnxruntime_genai"}, sorted(imported)
 
 
 def readme_command(marker: str) -> str:

@@ -13,7 +13,6 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -21,34 +20,18 @@ import mlflow
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime import RUNTIME_DIR, runtime_code_path
 from hf2mlflow.tracking import print_run_summary, step_run
+from hf2mlflow.step_args import BATCH_FORMATS, BatchInferArgs
 
 STEP = "batch_infer"
 WRAPPER_CODE = RUNTIME_DIR / "batch_chat_model.py"
 TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){0,2}$")  # name, schema.name or catalog.schema.name
 # A dotted name ending like a data file is a file name, not schema.table (a .csv is not a table to read).
 FILE_SUFFIXES = ("csv", "tsv", "txt", "json", "jsonl", "parquet", "avro", "orc", "xlsx", "xml")
-FORMATS = "a .jsonl file, a .parquet file or folder, or a Spark table name (name, schema.name, catalog.schema.name)"
 RESULT_SCHEMA = ("answer STRING, finish_reason STRING, prompt_tokens BIGINT, completion_tokens BIGINT, "
                  "total_tokens BIGINT, latency_s DOUBLE, error STRING, response STRING")
 OUTPUT_COLUMNS = ["row", "id", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "total_tokens",
                   "latency_s", "error", "response"]
 MAX_LOGGED_ERRORS = 100
-
-
-@dataclass
-class BatchInferArgs:
-    model: str = field(metadata={"help": "a log_pyfunc or log_transformers run ID, or a model URI "
-                                         "(models:/name@alias, models:/name/version, runs:/id/model)"})
-    input: str = field(metadata={"help": f"the requests: {FORMATS}; rows carry messages and optionally id, "
-                                         f"max_tokens, temperature (any chat request field)"})
-    output: str = field(metadata={"help": "where the answers go: a new .parquet folder or a new Spark table name"})
-    max_tokens: int = field(default=0, metadata={
-        "help": "new tokens for rows without max_tokens; 0: the model's default"})
-    partitions: int = field(default=0, metadata={
-        "help": "Spark partitions to score in; 0: the session's default parallelism"})
-    spark_master: str = field(default="", metadata={
-        "help": "Spark master for a session this step starts (e.g. local[2]); empty: the running session "
-                "(Databricks) or Spark's default (local[*])"})
 
 
 def _kind(location: str, what: str) -> str:
@@ -60,7 +43,7 @@ def _kind(location: str, what: str) -> str:
     if TABLE_NAME.match(location) and location.rsplit(".", 1)[-1].lower() not in FILE_SUFFIXES \
             and not os.path.exists(location):
         return "table"
-    raise ConfigError(f"{what} '{location}' is not allowed; allowed: {FORMATS}")
+    raise ConfigError(f"{what} '{location}' is not allowed; allowed: {BATCH_FORMATS}")
 
 
 def _is_local(path: str) -> bool:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -25,30 +24,9 @@ from hf2mlflow.sources.resolve import resolve_model, source_params
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
 from hf2mlflow.convert.validate import check_genai_files, validate_genai_model, validate_optimum_model
+from hf2mlflow.step_args import ConvertArgs
 
 STEP = CONVERT_STEP
-
-
-@dataclass
-class ConvertArgs:
-    model: str = field(default="tiny-phi3", metadata={
-        "help": "configs/models name, model .yaml file, Hugging Face repo id or local model folder"})
-    target: str = field(default="cpu-int4", metadata={"help": "configs/targets name or target .yaml file"})
-    output_name: str = field(default="", metadata={"help": "run name; default MODEL-TARGET"})
-    revision: str = field(default="", metadata={"help": "hub revision (branch, tag or commit); overrides the config"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow code shipped in the model repo to run; overrides the config"})
-    cache_dir: str = field(default="", metadata={"help": "Hugging Face download cache; default HF_HOME"})
-    exporter: str = field(default="", metadata={
-        "help": "genai-builder (onnxruntime-genai's model builder) or optimum (optimum's ONNX export, served with "
-                "onnxruntime: architectures the builder does not support); default: the target's, else genai-builder"})
-    builder_memory: str = field(default="auto", metadata={
-        "help": "genai-builder path: standard (the builder as it is), low (checkpoint dtype, quantized node by "
-                "node: a fraction of the memory, the same model), or auto (standard when its estimate fits the "
-                "memory budget, else low)"})
-    memory_budget_gib: float = field(default=0.0, metadata={
-        "help": "memory the conversion may use, in GiB; 0: the memory available when it starts. A conversion "
-                "whose estimate exceeds it stops before building, saying what it needs"})
 
 
 def convert(args: ConvertArgs) -> str:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -20,23 +19,12 @@ from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime.manifest import folder_bytes
 from hf2mlflow.evaluate.scoring import genai_scorers
 from hf2mlflow.tracking import print_run_summary, step_run
+from hf2mlflow.step_args import EvaluateArgs
 
 STEP = "evaluate"
 SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "contains", "parity_identical_rate",
                    "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50", "latency_s_p95", "load_s",
                    "peak_rss_mib", "size_mib", "flag"]
-
-
-@dataclass
-class EvaluateArgs:
-    models: str = field(metadata={"help": "comma-separated run IDs (log_pyfunc / log_transformers runs) or model "
-                                          "URIs (models:/name@alias, models:/name/version, runs:/id/model)"})
-    dataset: str = field(default="capitals-and-facts", metadata={
-        "help": "configs/datasets name or dataset .yaml file (JSONL of messages + reference)"})
-    max_new_tokens: int = field(default=0, metadata={"help": "new tokens per answer; 0: the dataset's setting"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N examples; 0: all"})
-    parity: bool = field(default=True, metadata={
-        "help": "compare greedy tokens (and fp32/fp16 logits) with the source Hugging Face model in PyTorch"})
 
 
 def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.metadata
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -23,24 +22,13 @@ from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime import RUNTIME_DIR, runtime_code_path
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.tracking import check_alias, print_model_summary, set_alias, step_run
+from hf2mlflow.step_args import LogPyfuncArgs
 
 STEP = LOG_PYFUNC_STEP
 # The model is its runtime package: models-from-code, with only hf2mlflow/runtime as its code path.
 MODEL_CODE = RUNTIME_DIR / "onnx_chat_pyfunc.py"
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
 PROMPT_EXAMPLE = {"prompt": "What is the capital of France?"}
-
-
-@dataclass
-class LogPyfuncArgs:
-    convert_run_id: str = field(metadata={"help": "run ID of a FINISHED convert_onnx run"})
-    target: str = field(default="", metadata={
-        "help": "target config for generation defaults; default: the conversion's target (same provider/precision)"})
-    registered_model_name: str = field(default="", metadata={
-        "help": "Model Registry name; default MODEL-TARGET-onnx (MODEL-TARGET-optimum-onnx for optimum exports)"})
-    alias: str = field(default="candidate", metadata={"help": "alias set on the new registered version"})
-    interface: str = field(default="chat", metadata={
-        "help": "chat: OpenAI chat-completions schema; prompt: the seed notebook's {prompt: string} -> string"})
 
 
 def requirements(execution_provider: str, artifact_format: str = GENAI_ROUTE.artifact_format) -> list[str]:
@@ -66,7 +54,6 @@ def signature(interface: str) -> ModelSignature:
         return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]))
     return ModelSignature(inputs=CHAT_MODEL_INPUT_SCHEMA, outputs=CHAT_MODEL_OUTPUT_SCHEMA,
                           params=ParamSchema([ParamSpec("seed", "long", -1)]))
-
 
 
 def _conversion_run(run_id: str):

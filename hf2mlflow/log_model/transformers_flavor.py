@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from dataclasses import dataclass, field
 
 import mlflow
 
@@ -17,28 +16,11 @@ from hf2mlflow.contract import LOG_TRANSFORMERS_STEP, TORCH_CPU_INDEX, TRANSFORM
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.sources.resolve import resolve_model, source_params
 from hf2mlflow.tracking import check_alias, log_params_once, print_model_summary, set_alias, step_run
+from hf2mlflow.step_args import LogTransformersArgs
 
 STEP = LOG_TRANSFORMERS_STEP
 TASK = TRANSFORMERS_TASK
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16}
-
-
-@dataclass
-class LogTransformersArgs:
-    model: str = field(default="tiny-phi3", metadata={
-        "help": "configs/models name, model .yaml file, Hugging Face repo id or local model folder"})
-    target: str = field(default="cpu-fp32", metadata={
-        "help": "target config; its `transformers` section sets the device and dtype, `generation` the defaults"})
-    registered_model_name: str = field(default="", metadata={
-        "help": "Model Registry name; default MODEL-DEVICE-DTYPE-transformers"})
-    alias: str = field(default="candidate", metadata={"help": "alias set on the new registered version"})
-    save_pretrained: bool = field(default=True, metadata={
-        "help": "true: copy the weights into the model (self-contained, servable offline); false: hub models only, "
-                "log a reference to the hub checkpoint (small artifact, downloads the weights at load time)"})
-    revision: str = field(default="", metadata={"help": "hub revision (branch, tag or commit); overrides the config"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow code shipped in the model repo to run; overrides the config"})
-    cache_dir: str = field(default="", metadata={"help": "Hugging Face download cache; default HF_HOME"})
 
 
 def requirements(device: str) -> list[str]:

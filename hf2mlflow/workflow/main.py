@@ -14,7 +14,7 @@ import hashlib
 import json
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,28 +22,16 @@ from mlflow.exceptions import MlflowException
 
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.config import config_file, load_dataset_config, load_model, load_target, load_transformers_target
+from hf2mlflow.contract import CHAIN_ORDER
 from hf2mlflow.errors import ConfigError, StepError, fault_message
 from hf2mlflow.datasets import load_examples
 from hf2mlflow.tracking import print_run_summary, step_run
+from hf2mlflow.step_args import MainArgs
 
 STEP = "main"
-ORDER = ("convert_onnx", "log_pyfunc", "log_transformers", "evaluate")
 CACHE_TAG = "cache_key"
 # Never part of the code version: outputs and caches that runs write into the project folder.
 NOT_CODE = {".git", "__pycache__", "mlruns", "mlartifacts", ".pytest_cache"}
-
-
-@dataclass
-class MainArgs:
-    model: str = field(default="tiny-phi3", metadata={"help": "as convert_onnx's model"})
-    target: str = field(default="cpu-int4", metadata={"help": "hardware target of the ONNX model"})
-    transformers_target: str = field(default="", metadata={
-        "help": "target for log_transformers; default: `target` when it has a transformers section, else cpu-fp32"})
-    dataset: str = field(default="capitals-and-facts", metadata={"help": "evaluation dataset config"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate the first N examples only; 0: all"})
-    force: bool = field(default=False, metadata={"help": "rerun every step, reusing nothing"})
-    rerun_from: str = field(default="", metadata={
-        "help": f"rerun this step and every step after it in the order {', '.join(ORDER)}; reuse the ones before"})
 
 
 @dataclass
@@ -130,13 +118,15 @@ def _launch(entry_point: str, params: dict, tags: dict, experiment_id: str) -> s
 
 def rerun_steps(args: MainArgs) -> set[str]:
     """The steps `force` and `rerun_from` ask to run again."""
-    return set(ORDER if args.force else ORDER[ORDER.index(args.rerun_from):] if args.rerun_from else ())
+    if args.force:
+        return set(CHAIN_ORDER)
+    return set(CHAIN_ORDER[CHAIN_ORDER.index(args.rerun_from):] if args.rerun_from else ())
 
 
 class Chain:
     """Steps of one workflow run, each reused or launched as a child of the active run; `order` numbers them."""
 
-    def __init__(self, experiment_id: str, rerun: set[str] = frozenset(), order: tuple[str, ...] = ORDER,
+    def __init__(self, experiment_id: str, rerun: set[str] = frozenset(), order: tuple[str, ...] = CHAIN_ORDER,
                  label: str = STEP):
         self.experiment_id, self.code, self.rerun, self.order, self.label = (
             experiment_id, code_version(), set(rerun), order, label)
@@ -167,8 +157,8 @@ class Chain:
 
 def _validate(args: MainArgs) -> tuple:
     """Every input, before any step runs."""
-    if args.rerun_from and args.rerun_from not in ORDER:
-        raise ConfigError(f"rerun_from '{args.rerun_from}' is not a step; allowed: {', '.join(ORDER)}")
+    if args.rerun_from and args.rerun_from not in CHAIN_ORDER:
+        raise ConfigError(f"rerun_from '{args.rerun_from}' is not a step; allowed: {', '.join(CHAIN_ORDER)}")
     if args.eval_limit < 0:
         raise ConfigError(f"eval_limit must be 0 (all examples) or positive, got {args.eval_limit}")
     load_model(args.model)

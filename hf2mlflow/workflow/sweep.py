@@ -15,7 +15,6 @@ import dataclasses
 import json
 import statistics
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -30,23 +29,11 @@ from hf2mlflow.tracking import check_alias, print_run_summary, step_run
 from hf2mlflow.workflow.main import Chain, _model_digest, _sha256, dataset_digest
 from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, failure_summary, pareto_front, pick,
                                            points, target_file, within_bound)
+from hf2mlflow.step_args import SweepArgs
 
 STEP = "sweep"
 POINT_ORDER = ("convert_onnx", "log_pyfunc", "evaluate")
 MIN_DECODED = 8  # tokens after the first: fewer make the decode rate mostly timer noise
-
-
-@dataclass
-class SweepArgs:
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "as convert_onnx's model"})
-    sweep: str = field(default="cpu-int4-grid", metadata={
-        "help": "configs/sweeps name or sweep .yaml file: the base target, the grid, the quality bound"})
-    dataset: str = field(default="capitals-and-facts", metadata={"help": "evaluation dataset config"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate the first N examples only; 0: all"})
-    registered_model_name: str = field(default="", metadata={
-        "help": "where every point's pyfunc is registered (alias point-KEY); default MODEL-BASE_TARGET-sweep"})
-    alias: str = field(default="fastest", metadata={"help": "alias the picked point's version gets"})
-    force: bool = field(default=False, metadata={"help": "rerun every step of every point, reusing nothing"})
 
 
 def _validate(args: SweepArgs):
