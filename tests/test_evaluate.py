@@ -93,18 +93,18 @@ def test_bad_dataset_fails_before_any_run(tracking, tmp_path, logged, lines, con
     assert all_runs(tracking) == []
 
 
-def test_bad_models_fail_before_any_run(tracking, tmp_path):
-    from hf2mlflow.convert.step import ConvertArgs, convert
-
-    convert_run = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
-    for models, expected in [
-        (convert_run, f"run ID '{convert_run}' (convert_onnx run) holds no logged model"),
-        ("models:/no-such-model@candidate", "'models:/no-such-model@candidate' does not load"),
-        ("0" * 32, "no such run"),
-        ("my-model", "neither a run ID"),
-        (" , ", "at least one run ID or model URI"),
-    ]:
-        with pytest.raises(ConfigError) as err:
-            evaluate(EvaluateArgs(models=models))
-        assert expected in str(err.value)
-    assert [r.data.tags["step"] for r in all_runs(tracking)] == ["convert_onnx"]
+def test_bad_models_fail_before_any_run(converted, shared_store):
+    convert_run = converted("tiny-phi3", "cpu-int4")
+    with local_store(shared_store["root"]) as uri:
+        before = len(all_runs(uri))
+        for models, expected in [
+            (convert_run, f"run ID '{convert_run}' (convert_onnx run) holds no logged model"),
+            ("models:/no-such-model@candidate", "'models:/no-such-model@candidate' does not load"),
+            ("0" * 32, "no such run"),
+            ("my-model", "neither a run ID"),
+            (" , ", "at least one run ID or model URI"),
+        ]:
+            with pytest.raises(ConfigError) as err:
+                evaluate(EvaluateArgs(models=models))
+            assert expected in str(err.value)
+        assert len(all_runs(uri)) == before  # no evaluate run was started

@@ -45,61 +45,6 @@ def last_chain(tracking_uri: str):
     return main, {s["entry_point"]: (s["run_id"], s["reused"]) for s in steps}
 
 
-def test_chain_reuse_invalidation_and_failure_on_a_tracking_server(tmp_path, snapshot):
-    run_main = functools.partial(run_project, uri=str(snapshot[0]))
-    with tracking_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as uri:
-        client = mlflow.MlflowClient(uri)
-
-        first, first_seconds = run_main(uri)
-        assert first.returncode == 0, first.stderr[-3000:]
-        main, chain = last_chain(uri)
-        assert list(chain) == STEPS and not any(reused for _, reused in chain.values())
-        for step, (run_id, _) in chain.items():
-            run = client.get_run(run_id)
-            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == main.info.run_id
-            assert run.data.tags["mlflow.project.entryPoint"] == step and run.data.tags["cache_key"]
-        assert client.get_run(chain["log_pyfunc"][0]).data.tags["upstream.convert_onnx"] == chain["convert_onnx"][0]
-        assert {m.name for m in client.search_registered_models()} == {
-            "tiny-phi3-cpu-int4-onnx", "tiny-phi3-cpu-fp32-transformers"}
-        assert "models:/tiny-phi3-cpu-int4-onnx@candidate" in first.stdout  # the printed chain
-
-        second, second_seconds = run_main(uri)
-        assert second.returncode == 0, second.stderr[-3000:]
-        print(f"\nfirst invocation {first_seconds:.1f} s, identical second invocation {second_seconds:.1f} s")
-        _, again = last_chain(uri)
-        assert again == {step: (run_id, True) for step, (run_id, _) in chain.items()}
-        assert second_seconds < first_seconds / 3
-
-        # Another ONNX target: conversion and everything downstream of it run again; the transformers
-        # model reads nothing that changed, so it is reused.
-        third, _ = run_main(uri, "target=cpu-fp32")
-        assert third.returncode == 0, third.stderr[-3000:]
-        _, changed = last_chain(uri)
-        assert {s: reused for s, (_, reused) in changed.items()} == {
-            "convert_onnx": False, "log_pyfunc": False, "log_transformers": True, "evaluate": False}
-        assert changed["log_transformers"][0] == chain["log_transformers"][0]
-
-        # A failing step fails main with the step's run ID; nothing after it runs; the failed run is not reused.
-        failed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", extra_env=failing_step_env("evaluate"))
-        assert failed.returncode != 0
-        main, _ = last_chain(uri)
-        assert main.info.status == "FAILED" and "step evaluate failed in run" in main.data.tags["error"]
-        failed_run = main.data.tags["error"].split("failed in run ")[1].split(":")[0]
-        assert client.get_run(failed_run).info.status == "FAILED"
-
-        fixed, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2")
-        assert fixed.returncode == 0, fixed.stderr[-3000:]
-        _, rerun = last_chain(uri)
-        assert [s for s, (_, reused) in rerun.items() if not reused] == ["evaluate"]
-        assert rerun["evaluate"][0] != failed_run
-
-        # rerun_from: that step and the ones after it run again, the ones before are reused.
-        forced, _ = run_main(uri, "target=cpu-fp32", "eval_limit=2", "rerun_from=log_transformers")
-        assert forced.returncode == 0, forced.stderr[-3000:]
-        _, partly = last_chain(uri)
-        assert [s for s, (_, reused) in partly.items() if not reused] == ["log_transformers", "evaluate"]
-
-
 def test_bad_parameters_fail_before_any_step(tmp_path):
     run_main = functools.partial(run_project, uri=str(PROJECT_ROOT))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -186,21 +131,107 @@ def git_daemon(tmp_path: Path, snapshot):
         yield f"git://127.0.0.1:{port}/hf2mlflow.git", sha
 
 
-def test_git_url_run_on_a_postgresql_tracking_server(tmp_path, snapshot):
-    run_main = run_project
+def test_chain_from_a_git_url_on_postgresql_reuses_and_fails_cleanly(tmp_path, snapshot):
+    """The whole chain as users run it remotely: `mlflow run git://...` against a tracking server on PostgreSQL.
+    Each step is a real `mlflow run` child; an identical second run reuses them all; a step that fails (injected)
+    fails main with its run ID and is never reused."""
     with postgres_server(tmp_path) as backend, tracking_server(backend, tmp_path) as uri, \
             git_daemon(tmp_path, snapshot) as (repo, sha):
-        first, first_seconds = run_main(uri, uri=repo, version=sha)
+        run_main = functools.partial(run_project, uri=repo, version=sha)
+        client = mlflow.MlflowClient(uri)
+
+        first, first_seconds = run_main(uri)
         assert first.returncode == 0, first.stderr[-3000:]
         main, chain = last_chain(uri)
-        client = mlflow.MlflowClient(uri)
+        assert list(chain) == STEPS and not any(reused for _, reused in chain.values())
         assert main.data.tags["mlflow.source.git.commit"] == sha
-        for run_id, reused in chain.values():
-            assert not reused and client.get_run(run_id).data.tags["mlflow.source.git.commit"] == sha
-            assert client.get_run(run_id).data.tags["code_version"] == sha  # a clean checkout: the commit
+        for step, (run_id, _) in chain.items():
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == main.info.run_id
+            assert run.data.tags["mlflow.project.entryPoint"] == step and run.data.tags["cache_key"]
+            assert run.data.tags["mlflow.source.git.commit"] == sha
+            assert run.data.tags["code_version"] == sha  # a clean checkout: the commit
+        assert client.get_run(chain["log_pyfunc"][0]).data.tags["upstream.convert_onnx"] == chain["convert_onnx"][0]
+        assert {m.name for m in client.search_registered_models()} == {
+            "tiny-phi3-cpu-int4-onnx", "tiny-phi3-cpu-fp32-transformers"}
+        assert "models:/tiny-phi3-cpu-int4-onnx@candidate" in first.stdout  # the printed chain
 
-        second, second_seconds = run_main(uri, uri=repo, version=sha)
+        second, second_seconds = run_main(uri)
         assert second.returncode == 0, second.stderr[-3000:]
-        print(f"\ngit URL on PostgreSQL: first {first_seconds:.1f} s, second {second_seconds:.1f} s")
+        print(f"\ngit URL on PostgreSQL: first {first_seconds:.1f} s, identical second {second_seconds:.1f} s")
         _, again = last_chain(uri)
         assert again == {step: (run_id, True) for step, (run_id, _) in chain.items()}
+        assert second_seconds < first_seconds / 3
+
+        # A failing step fails main with the step's run ID; the failed run is not reused.
+        failed, _ = run_main(uri, "eval_limit=2", extra_env=failing_step_env("evaluate"))
+        assert failed.returncode != 0
+        main, _ = last_chain(uri)
+        assert main.info.status == "FAILED" and "step evaluate failed in run" in main.data.tags["error"]
+        failed_run = main.data.tags["error"].split("failed in run ")[1].split(":")[0]
+        assert client.get_run(failed_run).info.status == "FAILED"
+
+        fixed, _ = run_main(uri, "eval_limit=2")
+        assert fixed.returncode == 0, fixed.stderr[-3000:]
+        _, rerun = last_chain(uri)
+        assert [s for s, (_, reused) in rerun.items() if not reused] == ["evaluate"]
+        assert rerun["evaluate"][0] != failed_run
+
+
+@pytest.fixture
+def in_process_chain(tracking, monkeypatch):
+    """run(**main_args): main's own chain logic against a real store, each step a FINISHED run made in-process
+    with the tags and parameters main gives it (no `mlflow run` child); returns {step: reused} and the runs."""
+    from hf2mlflow.workflow import main as workflow
+
+    client = mlflow.MlflowClient(tracking)
+    launched = []
+
+    def launch(entry_point, params, tags, experiment_id):
+        run = client.create_run(experiment_id, tags={**tags, "mlflow.project.entryPoint": entry_point,
+                                                     "mlflow.parentRunId": mlflow.active_run().info.run_id})
+        for name, value in params.items():
+            client.log_param(run.info.run_id, name, value)
+        if entry_point in failing:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise workflow.StepError(f"step {entry_point} failed in run {run.info.run_id}: on purpose")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        launched.append(run.info.run_id)
+        return run.info.run_id
+
+    failing = set()
+    monkeypatch.setattr(workflow, "_launch", launch)
+
+    def run(fail=(), **args):
+        failing.clear()
+        failing.update(fail)
+        results = workflow.main(workflow.MainArgs(**{"eval_limit": 1, **args}))
+        return {r.entry_point: r.reused for r in results}, {r.entry_point: r.run_id for r in results}
+
+    return run
+
+
+def test_what_each_change_reruns(in_process_chain):
+    """Which steps run again when the target changes, when rerun_from asks, and after a failure: main's own
+    composition of cache keys (tests/unit/test_cache_key.py checks the keys themselves)."""
+    from hf2mlflow.errors import StepError
+
+    first, runs = in_process_chain()
+    assert first == dict.fromkeys(STEPS, False)
+    assert in_process_chain() == (dict.fromkeys(STEPS, True), runs)
+
+    # Another ONNX target: conversion and everything downstream of it run again; the transformers model reads
+    # nothing that changed, so it is reused.
+    changed, fp32_runs = in_process_chain(target="cpu-fp32")
+    assert changed == {"convert_onnx": False, "log_pyfunc": False, "log_transformers": True, "evaluate": False}
+    assert fp32_runs["log_transformers"] == runs["log_transformers"]
+
+    # rerun_from: that step and the ones after it run again, the ones before are reused.
+    partly, _ = in_process_chain(target="cpu-fp32", rerun_from="log_transformers")
+    assert partly == {"convert_onnx": True, "log_pyfunc": True, "log_transformers": False, "evaluate": False}
+
+    # A failed step is never reused: the next identical run launches it again.
+    with pytest.raises(StepError, match="step evaluate failed in run"):
+        in_process_chain(target="cpu-fp32", eval_limit=2, fail={"evaluate"})
+    rerun, _ = in_process_chain(target="cpu-fp32", eval_limit=2)
+    assert [s for s, reused in rerun.items() if not reused] == ["evaluate"]

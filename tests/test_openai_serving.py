@@ -1,6 +1,6 @@
 """The official openai client against our models, over real HTTP, through real processes:
 
-`mlflow models serve` <- hf2mlflow.serve.openai_front --model-server-url ("forwarded": whole answers)
+`mlflow models serve` (the session's) <- hf2mlflow.serve.openai_front --model-server-url ("forwarded": whole answers)
                          hf2mlflow.serve.openai_front --model-uri        ("loaded": whole and streamed)
                          mlflow gateway start (openai provider) -> the loaded server ("gateway")
 """
@@ -44,12 +44,14 @@ def _wait_healthy(name, proc, url, root, deadline):
 
 
 @pytest.fixture(scope="module")
-def servers(logged):
-    """All four processes, started at once (they connect to each other only per request)."""
+def servers(logged, served_model):
+    """The session's `mlflow models serve` (conftest's `served_model`) and three processes of this module's,
+    started at once (they connect to each other only per request)."""
     root, served = logged["root"], logged["uri"].removeprefix("models:/").split("@")[0]
     env = dict(os.environ, MLFLOW_TRACKING_URI=logged["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    ports = {name: free_port() for name in ("model_server", "forwarded", "loaded", "gateway")}
+    ports = {name: free_port() for name in ("forwarded", "loaded", "gateway")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    url["model_server"] = served_model[0].removesuffix("/invocations")
     # The shipped gateway template, pointed at this test's ports.
     gateway_config = yaml.safe_load((REPO / "hf2mlflow/configs/gateway/openai-compatible.yaml").read_text())
     (endpoint,) = gateway_config["endpoints"]
@@ -57,8 +59,6 @@ def servers(logged):
     endpoint["model"]["config"]["openai_api_base"] = f"{url['loaded']}/v1"
     (root / "gateway.yaml").write_text(yaml.safe_dump(gateway_config))
     commands = {
-        "model_server": ["mlflow", "models", "serve", "-m", logged["uri"], "--env-manager", "local",
-                         "-h", "127.0.0.1", "-p", str(ports["model_server"]), "-w", "1"],
         "forwarded": [sys.executable, "-m", "hf2mlflow.serve.openai_front", "--model-server-url", url["model_server"],
                       "--served-model-name", served, "--port", str(ports["forwarded"])],
         "loaded": [sys.executable, "-m", "hf2mlflow.serve.openai_front", "--model-uri", logged["uri"],
@@ -66,7 +66,7 @@ def servers(logged):
         "gateway": ["mlflow", "gateway", "start", "--config-path", str(root / "gateway.yaml"),
                     "--host", "127.0.0.1", "--port", str(ports["gateway"]), "--workers", "1"],
     }
-    health = {"model_server": "/ping", "forwarded": "/health", "loaded": "/health", "gateway": "/health"}
+    health = {"forwarded": "/health", "loaded": "/health", "gateway": "/health"}
     processes = []
     try:
         procs = {name: _start(name, command, root, env, processes) for name, command in commands.items()}

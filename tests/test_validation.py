@@ -12,11 +12,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from hf2mlflow.convert.step import ConvertArgs, convert
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.runtime.manifest import build_manifest
 from hf2mlflow.sources.tiny import tiny_model_path
 from hf2mlflow.convert.validate import ValidationError, fp32_logits_tolerance
 from steps import convert_onnx as convert_step
-from tests.support import all_runs
+from tests.support import all_runs, local_store
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -104,12 +106,16 @@ def test_sliding_window_matches_pytorch_beyond_the_window(tracking, tmp_path):
     assert np.max(np.abs(unwindowed.next_logits(ids) - expected)) > 1e-2
 
 
-def test_evaluate_flags_a_model_whose_tokenizer_disagrees_with_its_source(tracking, tmp_path):
-    from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
-    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+def test_evaluate_flags_a_model_whose_tokenizer_disagrees_with_its_source(converted, shared_store):
+    convert_run_id = converted("tiny-phi3", "cpu-int4")
+    with local_store(shared_store["root"]):
+        _flag_a_swapped_tokenizer(convert_run_id)
 
-    uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))))
-    (logged,) = mlflow.search_logged_models(output_format="list")  # the pyfunc: this store's only model
+
+def _flag_a_swapped_tokenizer(convert_run_id):
+    # A pyfunc of its own (its files are changed below), logged from the session's conversion.
+    uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id, registered_model_name="tiny-phi3-swapped-tokenizer"))
+    logged = mlflow.get_logged_model(mlflow.models.get_model_info(uri).model_id)
     artifacts = Path(logged.artifact_location.removeprefix("file://"))
     (tokenizer_file,) = artifacts.rglob("tokenizer.json")
     # Swap the ids of two pieces the prompts use: the logged model now reads other ids than its source does.
