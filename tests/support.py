@@ -108,6 +108,14 @@ def wait_for_http(url: str, proc, log: Path, seconds: int = 120) -> None:
     pytest.fail(f"{url} did not come up:\n{log.read_text()[-3000:]}")
 
 
+def wait_for_output(proc, log: Path, text: str, seconds: int = 180) -> None:
+    """Wait until `text` shows in the log of a process that is still running."""
+    deadline = time.time() + seconds
+    while text not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def tracking_server(backend_uri: str, root: Path, port: int = 0):
     """`mlflow server` on 127.0.0.1 (on `port`, else a free one) with the given backend store and artifacts

@@ -14,11 +14,10 @@ import mlflow
 import pytest
 
 from hf2mlflow import PROJECT_ROOT
-from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.runtime.manifest import verify_manifest
 from tests.support import (all_runs, ask, failing_step_env, free_port, local_store, pickle_free_model,
-                           tracking_server)
+                           tracking_server, wait_for_output)
 
 CONVERT = [sys.executable, str(PROJECT_ROOT / "steps" / "convert_onnx.py"), "--model", "tiny-phi3",
            "--target", "cpu-int4"]
@@ -44,9 +43,9 @@ def fill(disk: Path, leave_bytes: int) -> Path:
     return filler
 
 
-def artifacts_experiment(location: Path, monkeypatch) -> str:
+def artifacts_experiment(location: Path, monkeypatch, name: str = "faults") -> str:
     """An experiment whose artifacts go to `location`, made the active one for this test and its subprocesses."""
-    experiment_id = mlflow.create_experiment("faults", artifact_location=location.as_uri())
+    experiment_id = mlflow.create_experiment(name, artifact_location=location.as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     return experiment_id
 
@@ -87,31 +86,26 @@ def test_disk_full_while_the_conversion_is_logged(tmp_path, monkeypatch):
         assert len(finished) == 1 and conversion_is_complete(finished[0].info.run_id, tmp_path)
 
 
-def test_disk_full_while_the_pyfunc_is_logged_leaves_no_registered_version(tmp_path, monkeypatch):
-    with local_store(tmp_path) as uri, small_disk(tmp_path / "disk", "8m") as disk:
-        artifacts_experiment(disk / "artifacts", monkeypatch)
-        convert_run_id = convert(ConvertArgs(model="tiny-phi3", target="cpu-int4"))
+def test_disk_full_while_the_pyfunc_is_logged_leaves_no_registered_version(converted, shared_store, tmp_path,
+                                                                           monkeypatch):
+    convert_run_id = converted("tiny-phi3", "cpu-int4")
+    name = "tiny-phi3-disk-full"  # in the session's store, beside the shared models
+    with local_store(shared_store["root"]) as uri, small_disk(tmp_path / "disk", "8m") as disk:
+        experiment_id = artifacts_experiment(disk / "artifacts", monkeypatch, f"faults-{tmp_path.name}")
         filler = fill(disk, 200 * 1024)
         with pytest.raises(OSError, match="No space left on device"):
-            log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
+            log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id, registered_model_name=name))
         client = mlflow.MlflowClient(uri)
-        (failed,) = [r for r in all_runs(uri) if r.data.tags.get("step") == "log_pyfunc"]
+        (failed,) = client.search_runs([experiment_id], "tags.step = 'log_pyfunc'")
         assert failed.info.status == "FAILED" and "No space left on device" in failed.data.tags["error"]
-        assert client.search_model_versions(f"name='{REGISTERED}'") == []
+        assert client.search_model_versions(f"name='{name}'") == []
 
         filler.unlink()
-        model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
-        (version,) = client.search_model_versions(f"name='{REGISTERED}'")
-        assert version.status == "READY" and model_uri == f"models:/{REGISTERED}@candidate"
-        with pickle_free_model(tmp_path, model_uri) as model:
+        model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id, registered_model_name=name))
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert version.status == "READY" and model_uri == f"models:/{name}@candidate"
+        with pickle_free_model(shared_store["root"], model_uri) as model:
             assert ask(model, max_tokens=4)["usage"]["completion_tokens"] == 4
-
-
-def wait_for_output(proc, log: Path, text: str, seconds: int = 180) -> None:
-    deadline = time.time() + seconds
-    while text not in log.read_text():
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.1)
 
 
 def test_tracking_server_away_mid_step_and_back_in_time(tmp_path):
@@ -135,33 +129,3 @@ def test_tracking_server_away_mid_step_and_back_in_time(tmp_path):
             assert run.info.status == "FINISHED" and conversion_is_complete(run.info.run_id, tmp_path)
             model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=run.info.run_id))
             assert model_uri == f"models:/{REGISTERED}@candidate"
-
-
-def test_tracking_server_gone_too_long_is_never_reused_and_rerun_completes(tmp_path):
-    """The server stays away longer than the step retries: main and its step give up saying which server
-    they could not reach; no step run is FINISHED (the server never heard how they ended), so the rerun
-    with the server back reuses nothing half-done and completes the chain."""
-    port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}",
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    command = ["mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local", "-P", "model=tiny-phi3",
-               "-P", "target=cpu-int4", "-P", "eval_limit=1"]
-    log = tmp_path / "main.log"
-    with open(log, "w") as out:
-        with tracking_server(backend, tmp_path, port):
-            chain = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-            wait_for_output(chain, log, "[builder]")
-        assert chain.wait(timeout=300) != 0
-    output = log.read_text()
-    assert f"[convert_onnx] FAILED: cannot reach the tracking server at http://127.0.0.1:{port}" in output, \
-        output[-3000:]
-
-    with tracking_server(backend, tmp_path, port) as uri:
-        (unfinished,) = [r for r in all_runs(uri) if r.data.tags.get("step") == "convert_onnx"]
-        assert unfinished.info.status == "RUNNING"
-        rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert "convert_onnx: running" in rerun.stdout and "reusing" not in rerun.stdout
-        converted = [r for r in all_runs(uri) if r.data.tags.get("step") == "convert_onnx"]
-        assert sorted(r.info.status for r in converted) == ["FINISHED", "RUNNING"]
-        assert converted[0].data.tags["cache_key"] == converted[1].data.tags["cache_key"]

@@ -1,17 +1,17 @@
-"""Reliability and security: a killed step is never reused, and no secret from the environment lands in a run.
+"""Reliability and security: a step killed, or cut off from its tracking server, is never reused, and no secret
+from the environment lands in a run.
 (Any request gets an answer or a clear refusal: tests/unit/test_chat_schema.py.)"""
 
 import contextlib
 import os
 import signal
 import subprocess
-import time
 
 import mlflow
 import psutil
 
 from hf2mlflow import PROJECT_ROOT
-from tests.support import all_runs, local_store
+from tests.support import all_runs, free_port, tracking_server, wait_for_output
 
 SECRETS = {"HF_TOKEN": "hf_SentinelHuggingFaceToken0123456789",
            "DATABRICKS_TOKEN": "dapiSentinelDatabricksToken0123456789",
@@ -32,39 +32,53 @@ def _texts_of_every_run(uri: str, tmp_path) -> str:
     return "\n".join(texts)
 
 
-def test_killed_chain_is_rerun_and_no_secret_lands_in_a_run(tmp_path):
-    """`main` killed (with its steps) while converting: the conversion run stays RUNNING and is never reused; the
-    rerun completes the chain. Both ran with tokens in the environment: no run, artifact, registered version or
-    output holds one."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", HF_HUB_OFFLINE="1", **SECRETS)
+def _kill_tree(proc) -> None:
+    """main, its step and the builder, as a machine going away would (MLflow starts each step in a session of
+    its own, so the whole tree, not one process group)."""
+    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_interrupted_chains_are_never_reused_and_no_secret_lands_in_a_run(tmp_path):
+    """`main` interrupted twice while converting, against a tracking server: killed with its steps, then cut off
+    from the server for longer than its retries (it gives up, naming the server). Each conversion run stays
+    RUNNING and is never reused; the rerun completes the chain. All ran with tokens in the environment: no run,
+    artifact, registered version or output holds one."""
+    port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="1",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", **SECRETS)
     command = ["mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local", "-P", "model=tiny-phi3",
                "-P", "target=cpu-int4", "-P", "eval_limit=1"]
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.time() + 180
-        while "[builder]" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.1)
-        # main, its step and the builder, as a machine going away would (MLflow starts each step in a session
-        # of its own, so the whole tree, not one process group).
-        tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
-    with local_store(tmp_path) as uri:
-        (killed,) = [r for r in all_runs(uri) if r.data.tags.get("step") == "convert_onnx"]
-        assert killed.info.status == "RUNNING" and "artifact_bytes" not in killed.data.metrics
+    killed_log, cut_off_log = tmp_path / "killed.log", tmp_path / "cut-off.log"
+    with tracking_server(backend, tmp_path, port):
+        with open(killed_log, "w") as log:
+            killed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+            wait_for_output(killed, killed_log, "[builder]")
+            _kill_tree(killed)
+        cut_off_out = open(cut_off_log, "w")
+        cut_off = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=cut_off_out, stderr=subprocess.STDOUT)
+        wait_for_output(cut_off, cut_off_log, "[builder]")
+    # The server is down now, and stays down until main gives up.
+    assert cut_off.wait(timeout=300) != 0
+    cut_off_out.close()
+    assert f"[convert_onnx] FAILED: cannot reach the tracking server at http://127.0.0.1:{port}" in (
+        cut_off_log.read_text()), cut_off_log.read_text()[-3000:]
 
-    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "convert_onnx: running" in rerun.stdout and "reusing" not in rerun.stdout
-    with local_store(tmp_path) as uri:
+    with tracking_server(backend, tmp_path, port) as uri:
+        interrupted = [r for r in all_runs(uri) if r.data.tags.get("step") == "convert_onnx"]
+        assert [r.info.status for r in interrupted] == ["RUNNING", "RUNNING"]
+        assert "artifact_bytes" not in interrupted[0].data.metrics
+        rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "convert_onnx: running" in rerun.stdout and "reusing" not in rerun.stdout
         converted = [r for r in all_runs(uri) if r.data.tags.get("step") == "convert_onnx"]
-        assert sorted(r.info.status for r in converted) == ["FINISHED", "RUNNING"]
-        assert converted[0].data.tags["cache_key"] == converted[1].data.tags["cache_key"]  # same inputs
-        blob = _texts_of_every_run(uri, tmp_path) + log_path.read_text() + rerun.stdout + rerun.stderr
+        assert sorted(r.info.status for r in converted) == ["FINISHED", "RUNNING", "RUNNING"]
+        assert len({r.data.tags["cache_key"] for r in converted}) == 1  # the same inputs every time
+        blob = (_texts_of_every_run(uri, tmp_path) + killed_log.read_text() + cut_off_log.read_text()
+                + rerun.stdout + rerun.stderr)
     for name, secret in SECRETS.items():
         assert secret not in blob, f"{name} leaked"
