@@ -13,6 +13,7 @@ import pytest
 from hf2mlflow import PROJECT_ROOT
 
 
+@pytest.mark.slow
 def test_batch_infer_throughput_quick(tmp_path):
     out = tmp_path / "out.json"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
@@ -28,6 +29,7 @@ def test_batch_infer_throughput_quick(tmp_path):
     assert "| spark local[2] | 16 |" in proc.stdout and str(out) in proc.stdout
 
 
+@pytest.mark.slow
 def test_convert_memory_quick(tmp_path):
     out = tmp_path / "convert.json"
     proc = subprocess.run([sys.executable, "benchmarks/convert_memory.py", "--quick", "--output", str(out)],
@@ -41,6 +43,7 @@ def test_convert_memory_quick(tmp_path):
     assert "| standard |" in proc.stdout and "| low |" in proc.stdout and "low / standard: peak" in proc.stdout
 
 
+@pytest.mark.slow
 def test_suite_quick(tmp_path):
     import mlflow
 
@@ -109,6 +112,7 @@ def test_llama_cpp_peer_says_how_to_install(monkeypatch, capsys):
         capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_llama_cpp_peer_smoke(tmp_path):
     """llama.cpp on the shipped Q4_1 GGUF alone, one short round and 3 quality prompts (where it is installed)."""
     import pytest
@@ -160,6 +164,7 @@ def test_suite_quick_cuda(tmp_path):
     assert "--device cuda" in (out / "suite-cuda.md").read_text() and not (out / "suite.json").exists()
 
 
+@pytest.mark.slow
 def test_quantization_sweep_quick(tmp_path):
     out = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
@@ -174,6 +179,7 @@ def test_quantization_sweep_quick(tmp_path):
     assert "| int4 rtn | algo_config=rtn |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_batching_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
     env.update(HF_HUB_OFFLINE="1")
@@ -281,6 +287,7 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
     assert last.returncode == 2 and "the CUDA check needs an NVIDIA GPU" in last.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_served_gap_quick(tmp_path):
     """The logged pyfunc, batch-invariant and not, beside the bare loop on the same files, in one table."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}

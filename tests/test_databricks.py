@@ -72,6 +72,7 @@ def cluster_fields(new_cluster: dict) -> dict:
     return {k: v for k, v in new_cluster.items() if k not in MLFLOW_BACKEND_KEYS}
 
 
+@pytest.mark.slow
 def test_classic_route_uploads_the_project_and_runs_mlflow_on_the_driver(tmp_path, tracking_server, project):
     workspace = Workspace(tmp_path / "workspace", TOKEN)
     with workspace.serving() as host:
@@ -103,6 +104,7 @@ def test_classic_route_uploads_the_project_and_runs_mlflow_on_the_driver(tmp_pat
     assert run.data.tags["mlflow.databricks.shellJobRunID"] == str(job.run_id)
 
 
+@pytest.mark.slow
 def test_spark_job_route_for_current_runtimes(tmp_path, tracking_server, project):
     spark_project = write_spark_job_project(tmp_path / "databricks-project")
     # The workspace's tracking server keeps artifacts where the driver can write them (DBFS on Databricks): a

@@ -68,6 +68,7 @@ def test_an_injected_failure_fails_the_step_inside_its_run(tmp_path):
         assert "artifact_bytes" not in run.data.metrics
 
 
+@pytest.mark.slow
 def test_disk_full_while_the_conversion_is_logged(tmp_path, monkeypatch):
     with local_store(tmp_path) as uri, small_disk(tmp_path / "disk", "4m") as disk:
         artifacts_experiment(disk / "artifacts", monkeypatch)
@@ -108,6 +109,7 @@ def test_disk_full_while_the_pyfunc_is_logged_leaves_no_registered_version(conve
             assert ask(model, max_tokens=4)["usage"]["completion_tokens"] == 4
 
 
+@pytest.mark.slow
 def test_tracking_server_away_mid_step_and_back_in_time(tmp_path):
     """The server stops while the model builds and comes back while the step is retrying: the step waits
     (MLflow retries with backoff), then finishes with every artifact; log_pyfunc goes on from it."""

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow  # a virtual environment of about 1 GB
 
 # Runs in the venv's python. It prints one JSON line of what it saw; the test asserts on it.
 CHILD = textwrap.dedent('''

@@ -33,6 +33,7 @@ def _graph(folder):
     return model, initializers, nodes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cpu-int4", "cpu-int8"])
 def test_low_memory_path_builds_the_standard_model(tmp_path, target):
     source, built = tiny_model_path("tiny-phi3"), {}

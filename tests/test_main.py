@@ -131,6 +131,7 @@ def git_daemon(tmp_path: Path, snapshot):
         yield f"git://127.0.0.1:{port}/hf2mlflow.git", sha
 
 
+@pytest.mark.slow
 def test_chain_from_a_git_url_on_postgresql_reuses_and_fails_cleanly(tmp_path, snapshot):
     """The whole chain as users run it remotely: `mlflow run git://...` against a tracking server on PostgreSQL.
     Each step is a real `mlflow run` child; an identical second run reuses them all; a step that fails (injected)

@@ -9,9 +9,12 @@ import subprocess
 
 import mlflow
 import psutil
+import pytest
 
 from hf2mlflow import PROJECT_ROOT
 from tests.support import all_runs, free_port, tracking_server, wait_for_output
+
+pytestmark = pytest.mark.slow  # three chains through `mlflow run`, one waiting out the retries
 
 SECRETS = {"HF_TOKEN": "hf_SentinelHuggingFaceToken0123456789",
            "DATABRICKS_TOKEN": "dapiSentinelDatabricksToken0123456789",

@@ -12,6 +12,8 @@ from hf2mlflow.config import Target, load_sweep
 from steps import sweep as sweep_step
 from tests.support import local_store
 
+pytestmark = pytest.mark.slow  # the trained model, two sweeps through `mlflow run` steps
+
 MODEL, SWEEP, LIMIT = "smollm2-135m-instruct", "cpu-int4-small", 4
 REGISTERED = f"{MODEL}-cpu-int4-sweep"
 

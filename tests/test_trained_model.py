@@ -19,6 +19,8 @@ from hf2mlflow.sources.resolve import resolve_model
 from steps import convert_onnx as convert_step
 from tests.support import all_runs, local_store, pickle_free_model
 
+pytestmark = pytest.mark.slow  # the trained model: conversions, evaluation, a Phi-3 repack
+
 MODEL = "smollm2-135m-instruct"
 LIMIT = 6  # prompts of capitals-and-facts that evaluate answers here
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
