@@ -125,7 +125,7 @@ class SweepArgs:
     force: bool = field(default=False, metadata={"help": "rerun every step of every point, reusing nothing"})
 
 
-_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
+_TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")  # any case
 
 
 def _bool(text: str) -> bool:
@@ -133,7 +133,7 @@ def _bool(text: str) -> bool:
         return True
     if text.lower() in _FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {text!r}")
+    raise argparse.ArgumentTypeError(f"got {text} but expected one of yes/no, true/false, t/f, y/n, 1/0")
 
 
 def step_parser(args_class, prog: str) -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ def _texts_of_every_run(uri: str, tmp_path) -> str:
     client, texts = mlflow.MlflowClient(uri), []
     for run in all_runs(uri):
         texts += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()] + list(run.data.metrics)
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id))
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
+                                                    tracking_uri=uri)
         for root, _, files in os.walk(local):
             texts += [open(os.path.join(root, f), "rb").read().decode("utf-8", "replace") for f in files]
     for model in client.search_registered_models():
