@@ -7,16 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, local_store, process, wait_for_http
+from tests.support import TRAINED_MODEL, free_port, local_store, process, wait_for_http
 
 UNIT_DIR = Path(__file__).resolve().parent / "unit"
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers, and before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = "unit" if item.path.is_relative_to(UNIT_DIR) else "integration"
         item.add_marker(getattr(pytest.mark, tier))
+        # pytest-xdist (--dist loadgroup) gives a group's tests to one worker: a file is a group of its own, so
+        # its module fixtures are built once, unless the file names a group it shares session fixtures with.
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -113,6 +117,26 @@ def logged_optimum(logged):
         convert_run_id = convert(ConvertArgs(model="tiny-gpt2", target="cpu-fp32", exporter="optimum"))
         model_uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id))
     return {**logged, "uri": model_uri, "convert_run_id": convert_run_id}
+
+
+@pytest.fixture(scope="session")
+def trained_sweep(tmp_path_factory):
+    """The trained model's shipped two-point sweep (cpu-int4-small: the cpu-fp32 reference, the cpu-int4 base and
+    two points over it) run twice in one store: the first run builds every point, the second reuses them all.
+    tests/test_sweep.py checks the sweep; tests/test_trained_model.py takes its cpu-fp32 and cpu-int4
+    conversions and models rather than converting the model again (both files are in the xdist group
+    "trained-model", so one worker builds this)."""
+    import mlflow
+
+    from steps import sweep as sweep_step
+
+    root = tmp_path_factory.mktemp("sweep")
+    argv = ["--model", TRAINED_MODEL, "--sweep", "cpu-int4-small", "--eval_limit", "4"]
+    with local_store(root) as uri:
+        first = sweep_step.main(argv)
+        second = sweep_step.main(argv)
+        runs = mlflow.MlflowClient().search_runs(["0"], max_results=500)
+    return {"root": root, "tracking_uri": uri, "first": first, "second": second, "runs": runs}
 
 
 @pytest.fixture(scope="session")

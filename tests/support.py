@@ -21,6 +21,7 @@ import pytest
 from hf2mlflow import PROJECT_ROOT
 
 HELLO = [{"role": "user", "content": "Hello there"}]
+TRAINED_MODEL = "smollm2-135m-instruct"  # from the package registry: tests/test_trained_model.py, test_sweep.py
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 
 

@@ -9,23 +9,21 @@ import pytest
 import yaml
 
 from hf2mlflow.config import Target, load_sweep
-from steps import sweep as sweep_step
-from tests.support import local_store
+from tests.support import TRAINED_MODEL, local_store
 
-pytestmark = pytest.mark.slow  # the trained model, two sweeps through `mlflow run` steps
+# The trained model, two sweeps through `mlflow run` steps; they share conftest's `trained_sweep` with
+# tests/test_trained_model.py.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained-model")]
 
-MODEL, SWEEP, LIMIT = "smollm2-135m-instruct", "cpu-int4-small", 4
+MODEL, SWEEP = TRAINED_MODEL, "cpu-int4-small"
 REGISTERED = f"{MODEL}-cpu-int4-sweep"
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
+def swept(trained_sweep):
+    root, first, second, runs = (trained_sweep[k] for k in ("root", "first", "second", "runs"))
     with local_store(root) as uri:
-        first = sweep_step.main(["--model", MODEL, "--sweep", SWEEP, "--eval_limit", str(LIMIT)])
-        second = sweep_step.main(["--model", MODEL, "--sweep", SWEEP, "--eval_limit", str(LIMIT)])
         client = mlflow.MlflowClient()
-        runs = client.search_runs(["0"], max_results=500)
         parents = [r for r in runs if r.data.tags.get("step") == "sweep"]
         alias = client.get_model_version_by_alias(REGISTERED, "fastest")
         artifacts = {}

@@ -13,25 +13,29 @@ from hf2mlflow.config import load_model
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
 from hf2mlflow.sources.gguf import fetch_package_file
-from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 from hf2mlflow.sources.resolve import resolve_model
 from steps import convert_onnx as convert_step
-from tests.support import all_runs, local_store, pickle_free_model
+from tests.support import TRAINED_MODEL, all_runs, local_store, pickle_free_model
 
-pytestmark = pytest.mark.slow  # the trained model: conversions, evaluation, a Phi-3 repack
+# The trained model; its cpu-fp32 and cpu-int4 conversions and pyfuncs come from conftest's `trained_sweep`,
+# which tests/test_sweep.py checks.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained-model")]
 
-MODEL = "smollm2-135m-instruct"
+MODEL = TRAINED_MODEL
 LIMIT = 6  # prompts of capitals-and-facts that evaluate answers here
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
+def trained(trained_sweep):
+    """The sweep's reference (cpu-fp32) and base (cpu-int4) conversions and their registered pyfuncs, the
+    transformers flavor logged beside them, and an evaluation of the fp32 ONNX model against it."""
+    points = {p["key"]: p for p in trained_sweep["first"]["points"]}
+    runs = {"cpu-fp32": points["reference"]["runs"]["convert_onnx"], "cpu-int4": points["base"]["runs"]["convert_onnx"]}
+    root = trained_sweep["root"]
     with local_store(root) as uri:
-        runs = {t: convert(ConvertArgs(model=MODEL, target=t)) for t in ("cpu-fp32", "cpu-int4")}
-        uris = {t: log_pyfunc(LogPyfuncArgs(convert_run_id=run_id)) for t, run_id in runs.items()}
+        uris = {"cpu-fp32": points["reference"]["model_uri"], "cpu-int4": points["base"]["model_uri"]}
         uris["transformers"] = log_transformers(LogTransformersArgs(model=MODEL, target="cpu-fp32"))
         eval_run = evaluate(EvaluateArgs(models=f"{uris['cpu-fp32']},{uris['transformers']}", limit=LIMIT))
         summaries = {s["flavor"]: s for s in mlflow.artifacts.load_dict(f"runs:/{eval_run}/comparison.json")}
