@@ -22,10 +22,11 @@ What it compares, all on the same prompts and numbers of new tokens:
 
 Every model answers in fresh processes (its own load time and peak RSS), in rounds that interleave the models
 (A, B, C, A, B, C, ...) after a warm-up; figures are medians over rounds with their min-max. Time to first
-token is a one-token request for every model; decode rate is (new tokens - 1) / (answer time - that). The models are
-converted and logged into a temporary MLflow store; the benchmark itself is one MLflow run (experiment
-"benchmarks") in the tracking store in use, with every figure as a metric and the table, JSON and chart as
-artifacts, also written to benchmarks/results/ (suite-cuda.* for --device cuda).
+token is a one-token request for every model; decode rate is (new tokens - 1) / (answer time - that), or, for the
+bare loop, which sees its own first token, the answer's own time after it. The models are converted and logged
+into a temporary MLflow store; the benchmark itself is one MLflow run (experiment "benchmarks") in the tracking
+store in use, with every figure as a metric and the table, JSON and chart as artifacts, also written to
+benchmarks/results/ (suite-cuda.* for --device cuda).
 
 The parts: suite_setup.py (devices, the models compared), suite_measure.py (one model in a fresh process),
 suite_sections.py (the figures of each comparison), suite_report.py (results, tables, chart, MLflow run),

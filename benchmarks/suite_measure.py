@@ -1,8 +1,9 @@
 """benchmarks/suite.py, measured in fresh processes: one model loaded, warmed up and timed per process.
 
 Time to first token is a one-token request for every model; decode rate is (new tokens - 1) / (answer time -
-that). `measure` runs in a spawned process (`in_fresh_process`), so each model's load time and peak RSS are its
-own; rounds of such processes are summarized as medians with their min-max.
+that), except for the bare loop, which sees its own first token: there it is the answer's own time after it.
+`measure` runs in a spawned process (`in_fresh_process`), so each model's load time and peak RSS are its own;
+rounds of such processes are summarized as medians with their min-max.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class PyfuncRunner:
             pass
         return time.perf_counter() - start
 
-    def answer(self, messages, max_tokens) -> tuple[float, int, int]:
+    def answer(self, messages, max_tokens) -> tuple[float, int, int, float]:
+        """Seconds, prompt tokens, new tokens, and NaN: when the first token came is not seen through predict."""
         start = time.perf_counter()
         (response,) = self.model.predict({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0})
         usage = response["usage"]
-        return time.perf_counter() - start, usage["prompt_tokens"], usage["completion_tokens"]
+        return time.perf_counter() - start, usage["prompt_tokens"], usage["completion_tokens"], float("nan")
 
 
 class BareGenAIRunner:
@@ -72,14 +74,16 @@ class BareGenAIRunner:
         params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(ids)
-        stream, count = self.tokenizer.create_stream(), 0
+        stream, count, first = self.tokenizer.create_stream(), 0, float("nan")
         while not generator.is_done():
             generator.generate_next_token()
             stream.decode(generator.get_next_tokens()[0])
             count += 1
+            if count == 1:
+                first = time.perf_counter() - start
             if first_only:
                 break
-        return time.perf_counter() - start, len(ids), count
+        return time.perf_counter() - start, len(ids), count, first
 
     def first_token(self, messages, max_tokens) -> float:
         return self._generate(messages, max_tokens, first_only=True)[0]
@@ -87,7 +91,8 @@ class BareGenAIRunner:
     def stream(self, messages, max_tokens) -> float:
         return float("nan")  # the loop above is already token by token
 
-    def answer(self, messages, max_tokens) -> tuple[float, int, int]:
+    def answer(self, messages, max_tokens) -> tuple[float, int, int, float]:
+        """Seconds, prompt tokens, new tokens, and the seconds to this answer's own first token."""
         return self._generate(messages, max_tokens, first_only=False)
 
 
@@ -103,14 +108,15 @@ def measure(kind: str, path: str, prompts: list, max_tokens: int) -> dict:
     samples = []
     for messages in prompts:
         ttft = runner.first_token(messages, max_tokens)
-        latency, prompt_tokens, new_tokens = runner.answer(messages, max_tokens)
+        latency, prompt_tokens, new_tokens, own_first = runner.answer(messages, max_tokens)
         streamed = runner.stream(messages, max_tokens)  # greedy: the same tokens as the answer
 
-        def rate(seconds, new_tokens=new_tokens, ttft=ttft):
-            return (new_tokens - 1) / (seconds - ttft) if new_tokens > 1 and seconds > ttft else float("nan")
+        def rate(seconds, first, new_tokens=new_tokens):
+            return (new_tokens - 1) / (seconds - first) if new_tokens > 1 and seconds > first else float("nan")
 
+        decode_tps = rate(latency, own_first if own_first == own_first else ttft)
         samples.append({"ttft_s": ttft, "latency_s": latency, "prompt_tokens": prompt_tokens,
-                        "new_tokens": new_tokens, "decode_tps": rate(latency), "stream_decode_tps": rate(streamed)})
+                        "new_tokens": new_tokens, "decode_tps": decode_tps, "stream_decode_tps": rate(streamed, ttft)})
     return {"load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
             "samples": samples}
 
