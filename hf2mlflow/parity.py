@@ -90,10 +90,14 @@ class TorchModel:
         return without_eos(out[0, len(ids):].tolist(), self.eos_ids)
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
+        return self.all_logits(ids)[-1]
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, [len(ids), vocab] (hf2mlflow.quality)."""
         import torch
 
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, -1]
+            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0]
         return logits.float().cpu().numpy()
 
 
@@ -137,6 +141,11 @@ class GenAIModel:
 
     def next_logits(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self._generator(ids, len(ids) + 1).get_logits(), dtype=np.float32).reshape(-1)
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, [len(ids), vocab]: the prompt pass's own output (hf2mlflow.quality)."""
+        logits = np.asarray(self._generator(ids, len(ids) + 1).get_output("logits"), dtype=np.float32)
+        return logits.reshape(len(ids), -1)
 
 
 class OptimumModel:

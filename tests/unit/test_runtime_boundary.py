@@ -38,8 +38,8 @@ MODEL_ENV_IMPORTS = {
 STEPS = {"convert", "log_model", "evaluate", "batch", "workflow", "serve", "databricks"}
 # What every step may import besides itself: the package root (PROJECT_ROOT, CONFIGS_DIR), the shared modules,
 # the model sources and the runtime.
-SHARED = {"config", "contract", "errors", "step_args", "tracking", "parity", "logged_models", "datasets", "measure",
-          "sources", "runtime", "cuda"}
+SHARED = {"config", "contract", "errors", "step_args", "tracking", "parity", "quality", "logged_models", "datasets",
+          "measure", "sources", "runtime", "cuda"}
 NOT_CODE = {"configs"}  # package data (hf2mlflow/configs/*/*)
 
 
