@@ -301,3 +301,20 @@ def test_served_gap_quick(tmp_path):
     assert all(figures["decode_tps"]["median"] > 0 for figures in results["speed"].values())
     table = (tmp_path / "served_gap.md").read_text()
     assert "| bare onnxruntime-genai loop |" in table and "| 1.00x |" in table and table in proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_kld_quick(tmp_path):
+    """The teacher-forced table: fp32 ONNX reads the held-out text as PyTorch float32 does; int4 departs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    proc = subprocess.run([sys.executable, "benchmarks/quality_kld.py", "--quick", "--output_dir", str(tmp_path)],
+                          cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "quality_kld.json").read_text())
+    rows = results["rows"]
+    assert list(rows) == ["PyTorch float32 (reference)", "ours cpu-fp32", "ours cpu-int8", "ours cpu-int4"]
+    assert results["positions"] > 1000 and rows["ours cpu-fp32"]["mean_kld"] < 1e-6
+    assert rows["ours cpu-fp32"]["top1_agreement"] >= 0.99
+    assert rows["ours cpu-int4"]["mean_kld"] > rows["ours cpu-int8"]["mean_kld"] > rows["ours cpu-fp32"]["mean_kld"]
+    assert "| ours cpu-int4 |" in (tmp_path / "quality_kld.md").read_text()

@@ -1,0 +1,100 @@
+"""Teacher-forced quality of our ONNX targets against the source model in PyTorch float32 (hf2mlflow/quality.py,
+as llama.cpp's `llama-perplexity --kl-divergence` reports it): mean and 99th-percentile KL divergence, top-1
+agreement and perplexity on the held-out English text hf2mlflow/sources/data/held_out_english.txt.
+
+    python benchmarks/quality_kld.py                # the trained SmolLM2-135M-Instruct: cpu-fp32, cpu-int8, cpu-int4
+    python benchmarks/quality_kld.py --quick        # tiny-phi3 (random weights), windows of 128: a smoke run
+
+Every target is converted into a temporary MLflow store, read with onnxruntime-genai on the source tokenizer's
+token ids, window by window (the second half of each scored). Writes benchmarks/results/quality_kld.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf2mlflow import PROJECT_ROOT  # noqa: E402
+
+from suite_report import cpu_name  # noqa: E402
+from suite_setup import models_store  # noqa: E402
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+TEXT = "sources/data/held_out_english.txt"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="configs/models name or model folder")
+    parser.add_argument("--targets", default="cpu-fp32,cpu-int8,cpu-int4", help="comma-separated cpu targets")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window; its second half is scored")
+    parser.add_argument("--quick", action="store_true", help="tiny-phi3, windows of 128: a smoke run")
+    parser.add_argument("--output_dir", default=str(RESULTS), help="where quality_kld.{md,json} go")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.window = "tiny-phi3", 128
+    return args
+
+
+def table(results: dict) -> str:
+    lines = [f"Measured {results['date']} with `{results['command']}`: {results['model']}, "
+             f"{results['positions']} scored positions (windows of {results['window']} tokens, second half scored) "
+             f"of the held-out text, every model against PyTorch float32 on the same token ids; {results['machine']}.",
+             "", "| model | size MiB | mean KLD | 99th pct KLD | same top token | perplexity |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in results["rows"].items():
+        lines.append(f"| {name} | {row['size_mib']:.1f} | {row['mean_kld']:.3g} | {row['p99_kld']:.3g} | "
+                     f"{100 * row['top1_agreement']:.1f}% | {row['perplexity']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    import mlflow
+    import psutil
+
+    from hf2mlflow.config import load_model
+    from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.parity import GenAIModel, TorchModel
+    from hf2mlflow.quality import teacher_forced
+    from hf2mlflow.runtime.manifest import folder_bytes
+    from hf2mlflow.sources.resolve import resolve_model
+
+    args = parse_args(argv)
+    source = resolve_model(load_model(args.model)).path
+    print(f"[quality] reference: {args.model} in PyTorch float32 ({source})", flush=True)
+    reference = TorchModel.from_folder(source)
+    ids = reference.encode(resources.files("hf2mlflow").joinpath(TEXT).read_text(encoding="utf-8"))
+    rows = {}
+    with models_store("cpu", mlflow.get_tracking_uri()) as work:
+        for target in [t for t in args.targets.split(",") if t]:
+            print(f"[quality] converting {args.model} to {target}", flush=True)
+            run_id = convert(ConvertArgs(model=args.model, target=target))
+            folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(work / target)))
+            print(f"[quality] {target}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
+            rows[f"ours {target}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window),
+                                      "size_mib": folder_bytes(folder) / 2**20}
+    first = next(iter(rows.values()))
+    rows = {"PyTorch float32 (reference)": {"mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0,
+                                            "perplexity": first["reference_perplexity"],
+                                            "size_mib": folder_bytes(source) / 2**20}, **rows}
+    results = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/quality_kld.py"
+               + (" --quick" if args.quick else ""), "model": args.model, "window": args.window,
+               "text": TEXT, "tokens": len(ids), "positions": first["positions"],
+               "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "rows": rows}
+    text = table(results)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality_kld.json").write_text(json.dumps(results, indent=1))
+    (out / "quality_kld.md").write_text(text)
+    print("\n" + text + f"\nresults: {out.resolve()} (quality_kld.md, quality_kld.json)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
