@@ -72,12 +72,14 @@ def main(argv=None) -> dict:
     ids = reference.encode(resources.files("hf2mlflow").joinpath(TEXT).read_text(encoding="utf-8"))
     rows = {}
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
-        for target in [t for t in args.targets.split(",") if t]:
+        for number, target in enumerate(t for t in args.targets.split(",") if t):
+            name = Path(target).stem  # a shipped target's name, or a target file's
             print(f"[quality] converting {args.model} to {target}", flush=True)
             run_id = convert(ConvertArgs(model=args.model, target=target))
-            folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(work / target)))
-            print(f"[quality] {target}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
-            rows[f"ours {target}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window),
+            folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx",
+                                                              dst_path=str(work / f"model-{number}")))
+            print(f"[quality] {name}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
+            rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window),
                                       "size_mib": folder_bytes(folder) / 2**20}
     first = next(iter(rows.values()))
     rows = {"PyTorch float32 (reference)": {"mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0,
