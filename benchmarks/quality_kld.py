@@ -4,9 +4,12 @@ agreement and perplexity on the held-out English text hf2mlflow/sources/data/hel
 
     python benchmarks/quality_kld.py                # the trained SmolLM2-135M-Instruct: cpu-fp32, cpu-int8, cpu-int4
     python benchmarks/quality_kld.py --quick        # tiny-phi3 (random weights), windows of 128: a smoke run
+    python benchmarks/quality_kld.py --name quality_kld_int4_recipes \
+        --targets cpu-int4,$(ls benchmarks/int4_recipes/*.yaml | paste -sd,)   # int4 recipes side by side
 
 Every target is converted into a temporary MLflow store, read with onnxruntime-genai on the source tokenizer's
-token ids, window by window (the second half of each scored). Writes benchmarks/results/quality_kld.{md,json}.
+token ids, window by window (the second half of each scored); a target that cannot be built is a row saying why.
+Writes benchmarks/results/quality_kld.{md,json} (--name: another name).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", default="cpu-fp32,cpu-int8,cpu-int4", help="comma-separated cpu targets")
     parser.add_argument("--window", type=int, default=256, help="tokens per window; its second half is scored")
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, windows of 128: a smoke run")
-    parser.add_argument("--output_dir", default=str(RESULTS), help="where quality_kld.{md,json} go")
+    parser.add_argument("--output_dir", default=str(RESULTS), help="where NAME.{md,json} go")
+    parser.add_argument("--name", default="quality_kld", help="results file name, without suffix")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.window = "tiny-phi3", 128
@@ -49,6 +53,9 @@ def table(results: dict) -> str:
              "", "| model | size MiB | mean KLD | 99th pct KLD | same top token | perplexity |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in results["rows"].items():
+        if "failed" in row:
+            lines.append(f"| {name} | failed: {row['failed']} | | | | |")
+            continue
         lines.append(f"| {name} | {row['size_mib']:.1f} | {row['mean_kld']:.3g} | {row['p99_kld']:.3g} | "
                      f"{100 * row['top1_agreement']:.1f}% | {row['perplexity']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -60,6 +67,7 @@ def main(argv=None) -> dict:
 
     from hf2mlflow.config import load_model
     from hf2mlflow.convert.step import ConvertArgs, convert
+    from hf2mlflow.errors import StepError
     from hf2mlflow.parity import GenAIModel, TorchModel
     from hf2mlflow.quality import teacher_forced
     from hf2mlflow.runtime.manifest import folder_bytes
@@ -75,13 +83,21 @@ def main(argv=None) -> dict:
         for number, target in enumerate(t for t in args.targets.split(",") if t):
             name = Path(target).stem  # a shipped target's name, or a target file's
             print(f"[quality] converting {args.model} to {target}", flush=True)
-            run_id = convert(ConvertArgs(model=args.model, target=target))
+            try:
+                run_id = convert(ConvertArgs(model=args.model, target=target))
+            except StepError as exc:  # a recipe the builder or the runtime cannot make: a row that says why
+                print(f"[quality] {name}: FAILED: {exc}", flush=True)
+                rows[f"ours {name}"] = {"failed": str(exc).split(". ")[0]}
+                continue
             folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx",
                                                               dst_path=str(work / f"model-{number}")))
             print(f"[quality] {name}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
             rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window),
                                       "size_mib": folder_bytes(folder) / 2**20}
-    first = next(iter(rows.values()))
+    measured = [row for row in rows.values() if "failed" not in row]
+    if not measured:
+        raise SystemExit("[quality] no target could be converted; see the FAILED lines above")
+    first = measured[0]
     rows = {"PyTorch float32 (reference)": {"mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0,
                                             "perplexity": first["reference_perplexity"],
                                             "size_mib": folder_bytes(source) / 2**20}, **rows}
@@ -92,9 +108,9 @@ def main(argv=None) -> dict:
     text = table(results)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality_kld.json").write_text(json.dumps(results, indent=1))
-    (out / "quality_kld.md").write_text(text)
-    print("\n" + text + f"\nresults: {out.resolve()} (quality_kld.md, quality_kld.json)")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{args.name}.md").write_text(text)
+    print("\n" + text + f"\nresults: {out.resolve()} ({args.name}.md, {args.name}.json)")
     return results
 
 
