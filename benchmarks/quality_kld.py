@@ -101,8 +101,9 @@ def main(argv=None) -> dict:
     rows = {"PyTorch float32 (reference)": {"mean_kld": 0.0, "p99_kld": 0.0, "top1_agreement": 1.0,
                                             "perplexity": first["reference_perplexity"],
                                             "size_mib": folder_bytes(source) / 2**20}, **rows}
-    results = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/quality_kld.py"
-               + (" --quick" if args.quick else ""), "model": args.model, "window": args.window,
+    given = sys.argv[1:] if argv is None else argv
+    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/quality_kld.py", *given]),
+               "model": args.model, "window": args.window,
                "text": TEXT, "tokens": len(ids), "positions": first["positions"],
                "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "rows": rows}
     text = table(results)
