@@ -13,6 +13,16 @@ import pytest
 from hf2mlflow import PROJECT_ROOT
 
 
+def run_quick(script: str, output_dir) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT --quick --output_dir OUTPUT_DIR, in a store of its own and offline; it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--output_dir", str(output_dir)],
+                          cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_batch_infer_throughput_quick(tmp_path):
     out = tmp_path / "out.json"
@@ -290,11 +300,7 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
 @pytest.mark.slow
 def test_served_gap_quick(tmp_path):
     """The logged pyfunc, batch-invariant and not, beside the bare loop on the same files, in one table."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    proc = subprocess.run([sys.executable, "benchmarks/served_gap.py", "--quick", "--output_dir", str(tmp_path)],
-                          cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_quick("served_gap.py", tmp_path)
     results = json.loads((tmp_path / "served_gap.json").read_text())
     assert list(results["speed"]) == ["bare onnxruntime-genai loop", "pyfunc, batch-invariant (default)",
                                       "pyfunc, one-row lone"]
@@ -306,11 +312,7 @@ def test_served_gap_quick(tmp_path):
 @pytest.mark.slow
 def test_quality_kld_quick(tmp_path):
     """The teacher-forced table: fp32 ONNX reads the held-out text as PyTorch float32 does; int4 departs."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    proc = subprocess.run([sys.executable, "benchmarks/quality_kld.py", "--quick", "--output_dir", str(tmp_path)],
-                          cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_quick("quality_kld.py", tmp_path)
     results = json.loads((tmp_path / "quality_kld.json").read_text())
     rows = results["rows"]
     assert list(rows) == ["PyTorch float32 (reference)", "ours cpu-fp32", "ours cpu-int8", "ours cpu-int4"]
