@@ -89,16 +89,18 @@ class TorchModel:
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id or 0)
         return without_eos(out[0, len(ids):].tolist(), self.eos_ids)
 
-    def next_logits(self, ids: list[int]) -> np.ndarray:
-        return self.all_logits(ids)[-1]
-
-    def all_logits(self, ids: list[int]) -> np.ndarray:
-        """Logits at every position of `ids`, [len(ids), vocab] (hf2mlflow.quality)."""
+    def _logits(self, ids: list[int]):
         import torch
 
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0]
-        return logits.float().cpu().numpy()
+            return self.model(torch.tensor([ids], device=self.model.device)).logits[0]
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        return self._logits(ids)[-1].float().cpu().numpy()  # one row: a long prompt's [n, vocab] stays in torch
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, [len(ids), vocab] (hf2mlflow.quality)."""
+        return self._logits(ids).float().cpu().numpy()
 
 
 def genai_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:

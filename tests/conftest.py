@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TRAINED_MODEL, free_port, local_store, process, wait_for_http
+from tests.support import TRAINED_MODEL, free_port, local_store, process, store_uri, wait_for_http
 
 UNIT_DIR = Path(__file__).resolve().parent / "unit"
 
@@ -53,9 +53,7 @@ def tracking(tmp_path):
 def shared_store(tmp_path_factory):
     """The session's MLflow store, where every shared model is converted, logged and registered once."""
     root = tmp_path_factory.mktemp("pyfunc")
-    with local_store(root) as uri:
-        pass
-    return {"root": root, "tracking_uri": uri}
+    return {"root": root, "tracking_uri": store_uri(root)}
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,17 @@ TRAINED_MODEL = "smollm2-135m-instruct"  # from the package registry: tests/test
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 
 
+def store_uri(root) -> str:
+    """The tracking URI of the local MLflow store in `root`."""
+    return f"sqlite:///{root}/mlflow.db"
+
+
 @contextlib.contextmanager
 def local_store(root):
     """A local MLflow store in `root`, which is also the working directory (where artifacts land)."""
     old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
     os.chdir(root)
-    uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    uri = os.environ["MLFLOW_TRACKING_URI"] = store_uri(root)
     mlflow.set_tracking_uri(uri)
     try:
         yield uri
