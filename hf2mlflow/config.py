@@ -115,6 +115,16 @@ class SessionOptions(Strict):
         "unset: onnxruntime's default (spin)"))
 
 
+class QualityFloor(Strict):
+    """The least quality a conversion must keep, teacher-forced against the source model in PyTorch float32
+    (hf2mlflow/quality.py) on a short slice of the held-out text; convert_onnx fails a model below it."""
+
+    max_mean_kld: Optional[float] = Field(None, ge=0.0, description=(
+        "mean KL divergence of the model's next-token distribution from the source model's, at most this"))
+    min_top1_agreement: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
+        "share of positions where the model's most likely next token is the source model's, at least this"))
+
+
 class TransformersSettings(Strict):
     """Where the transformers (PyTorch) flavor of the same model runs for this target."""
 
@@ -139,6 +149,7 @@ class Target(Strict):
     generation: Generation = Generation()
     batching: Batching = Batching()
     session_options: SessionOptions = SessionOptions()
+    quality_floor: QualityFloor = QualityFloor()
     # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
     transformers: Optional[TransformersSettings] = None
     # How convert_onnx makes the ONNX model; None: genai-builder, unless convert_onnx's `exporter` says otherwise.

@@ -73,7 +73,7 @@ class TorchModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     @property
     def eos_ids(self) -> set[int]:
@@ -163,7 +163,7 @@ class OptimumModel:
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         from hf2mlflow.runtime.ort_chat import generate_tokens, greedy
@@ -179,6 +179,15 @@ class OptimumModel:
         from hf2mlflow.runtime.ort_chat import next_token_logits
 
         return next_token_logits(self.model, ids)
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, [len(ids), vocab], from one pass without a cache
+        (hf2mlflow.quality)."""
+        import torch
+
+        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long),
+                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long), use_cache=False)
+        return out.logits[0].float().numpy()
 
 
 def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new_tokens: int,

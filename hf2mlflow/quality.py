@@ -4,14 +4,25 @@ of each window is scored (every scored token sees at least half a window of cont
 the KL divergence of the candidate's next-token distribution from the reference's, whether their top tokens
 agree, and each model's log-likelihood of the token that follows in the text.
 
-A model is anything with `all_logits(ids) -> array [len(ids), vocab]` (parity.TorchModel, parity.GenAIModel).
+A model is anything with `all_logits(ids) -> array [len(ids), vocab]` (parity.TorchModel, parity.GenAIModel,
+parity.OptimumModel). The reference's scored logits are computed once and kept on disk, keyed by the digests of
+the source model's files, of the token ids and of the window.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
+
+TEXT = "sources/data/held_out_english.txt"  # in the package; its source and license: sources/data/README.md
+EVALUATE_WINDOW = 256  # evaluate: the whole text
+SLICE_TOKENS, SLICE_WINDOW = 512, 128  # convert_onnx: a short slice, 4 windows (252 scored positions)
+SUMMARY_KEYS = ("mean_kld", "p99_kld", "top1_agreement", "perplexity")
 
 
 @dataclass
@@ -57,15 +68,74 @@ def windows(n_tokens: int, window: int) -> list[int]:
     return list(range(0, n_tokens - window + 1, window))
 
 
-def teacher_forced(reference, candidate, ids: list[int], window: int = 256) -> dict:
-    """Both models over `ids` window by window; the summary of every window's second half."""
-    ids = np.asarray(ids, dtype=np.int64)
-    parts = []
+def held_out_ids(reference, tokens: int = 0) -> list[int]:
+    """The held-out text as the reference's tokenizer encodes it (no special tokens); its first `tokens` ids,
+    or all of them when `tokens` is 0."""
+    from importlib import resources
+
+    ids = reference.encode(resources.files("hf2mlflow").joinpath(TEXT).read_text(encoding="utf-8"))
+    return ids[:tokens] if tokens else ids
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a model folder's files (weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _scored(window: int) -> slice:
+    # Position p predicts token p + 1: score positions window/2 .. window-2 (the last has no next token).
+    return slice(window // 2, window - 1)
+
+
+def reference_logits(reference, ids: list[int], window: int, cache: Optional[tuple[Path, str]] = None) -> np.ndarray:
+    """The reference's logits at every scored position, [positions, vocab]. With `cache` = (folder, digest of
+    the reference model), read from or written to folder/<key>.npy, the key a digest of the model's digest, the
+    token ids and the window; written whole or not at all, so a killed run leaves nothing half-made to reuse."""
+    path = None
+    if cache:
+        folder, model_digest = cache
+        key = hashlib.sha256(f"{model_digest}:{window}:".encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+        path = Path(folder) / f"{key[:32]}.npy"
+        if path.is_file():
+            return np.load(path)
+    logits = np.concatenate([np.asarray(reference.all_logits(ids[start:start + window]), np.float32)[_scored(window)]
+                             for start in windows(len(ids), window)])
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        with partial.open("wb") as f:
+            np.save(f, logits)
+        partial.replace(path)
+    return logits
+
+
+def teacher_forced(reference, candidate, ids: list[int], window: int = EVALUATE_WINDOW,
+                   cache: Optional[tuple[Path, str]] = None) -> dict:
+    """Both models over `ids` window by window; the summary of every window's second half (reference_logits
+    says what `cache` is)."""
+    ids = [int(i) for i in ids]
+    expected = reference_logits(reference, ids, window, cache)
+    parts, row = [], 0
     for start in windows(len(ids), window):
         chunk = ids[start:start + window]
-        # Position p predicts token p + 1: score positions window/2 .. window-2 (the last has no next token).
-        scored = slice(window // 2, window - 1)
-        parts.append(score_window(np.asarray(reference.all_logits(chunk.tolist()))[scored],
-                                  np.asarray(candidate.all_logits(chunk.tolist()))[scored], chunk[window // 2 + 1:]))
+        got = np.asarray(candidate.all_logits(chunk))[_scored(window)]
+        parts.append(score_window(expected[row:row + len(got)], got, np.asarray(chunk[window // 2 + 1:])))
+        row += len(got)
     return Scored(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                     ("kld", "same_top", "reference_nll", "candidate_nll"))).summary()
+
+
+def floor_problems(summary: dict, max_mean_kld: Optional[float], min_top1_agreement: Optional[float]) -> list[str]:
+    """What in a teacher-forced summary falls below a quality floor ([] when nothing does)."""
+    problems = []
+    if max_mean_kld is not None and summary["mean_kld"] > max_mean_kld:
+        problems.append(f"mean KL divergence {summary['mean_kld']:.4g} > {max_mean_kld:g} allowed")
+    if min_top1_agreement is not None and summary["top1_agreement"] < min_top1_agreement:
+        problems.append(f"top-1 agreement {summary['top1_agreement']:.1%} < {min_top1_agreement:.1%} required")
+    return problems

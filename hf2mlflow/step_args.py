@@ -79,7 +79,8 @@ class EvaluateArgs:
     max_new_tokens: int = field(default=0, metadata={"help": "new tokens per answer; 0: the dataset's setting"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N examples; 0: all"})
     parity: bool = field(default=True, metadata={
-        "help": "compare greedy tokens (and fp32/fp16 logits) with the source Hugging Face model in PyTorch"})
+        "help": "compare with the source Hugging Face model in PyTorch: greedy tokens, fp32/fp16 logits, and "
+                "teacher-forced KL divergence, top-1 agreement and perplexity on the held-out text"})
 
 
 @dataclass

@@ -23,7 +23,8 @@ from hf2mlflow.convert.memory_plan import GIB, check_options, checkpoint_size, p
 from hf2mlflow.sources.resolve import resolve_model, source_params
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
-from hf2mlflow.convert.validate import check_genai_files, validate_genai_model, validate_optimum_model
+from hf2mlflow.convert.validate import check_genai_files, check_quality, validate_genai_model, \
+    validate_optimum_model
 from hf2mlflow.step_args import ConvertArgs
 
 STEP = CONVERT_STEP
@@ -92,6 +93,9 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
             _log_validation(check)
             mlflow.set_tag("validation", f"graph checked; generated on {target.execution_provider}")
             print(f"[{STEP}] generated on {target.execution_provider}: {check.text[:80]!r}")
+            from hf2mlflow.parity import GenAIModel
+
+            _check_quality(GenAIModel(out), resolved.path, target, spec.trust_remote_code)
 
         genai_config = json.loads((out / "genai_config.json").read_text())
         _log_model_folder(out, genai_config["model"].get("context_length", ""))
@@ -137,6 +141,9 @@ def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
         # The graph names no execution provider, so the CPU can check a model meant for a GPU as well.
         print(f"[{STEP}] 3/4 validating: load with onnxruntime (optimum's ORTModelForCausalLM, CPU) and generate")
         _log_validation(validate_optimum_model(out, resolved.path))
+        from hf2mlflow.parity import OptimumModel
+
+        _check_quality(OptimumModel(out), resolved.path, target, spec.trust_remote_code)
         _log_model_folder(out, context_length(AutoConfig.from_pretrained(out,
                                                                          trust_remote_code=spec.trust_remote_code)))
 
@@ -157,6 +164,20 @@ def _log_validation(check) -> None:
                         "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
     print(f"[{STEP}] tokenizer agrees with transformers; generated {len(check.new_tokens)} tokens: {check.text!r}"
           + (" (the same greedy tokens as PyTorch)" if check.reference_tokens is not None else ""))
+
+
+def _check_quality(candidate, source_dir: Path, target, trust_remote_code: bool) -> None:
+    from hf2mlflow.quality import SLICE_TOKENS
+
+    print(f"[{STEP}] quality: teacher-forced against the source model in PyTorch float32 on the first "
+          f"{SLICE_TOKENS} tokens of the held-out text")
+    summary = check_quality(candidate, source_dir, target.quality_floor, trust_remote_code)
+    mlflow.log_metrics({f"quality.{k}": v for k, v in summary.items()})
+    floor = target.quality_floor.model_dump(exclude_none=True)
+    print(f"[{STEP}] quality: mean KLD {summary['mean_kld']:.4g}, 99th pct {summary['p99_kld']:.4g}, top-1 "
+          f"agreement {summary['top1_agreement']:.1%}, perplexity {summary['perplexity']:.2f} (source "
+          f"{summary['reference_perplexity']:.2f}) on {summary['positions']} positions; "
+          + (f"floor {floor} kept" if floor else "the target states no floor"))
 
 
 def _log_model_folder(out: Path, context_length) -> None:

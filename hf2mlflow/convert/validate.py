@@ -195,3 +195,27 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
     check_prompt_ids(ids, reference, int(model.config.vocab_size), tokenizer.decode, str(model_dir))
     return ValidationResult(prompt, len(ids), True, new_tokens,
                             tokenizer.decode(new_tokens, skip_special_tokens=True), time.perf_counter() - start)
+
+
+def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = False) -> dict:
+    """Teacher-forced quality of `candidate` (parity.GenAIModel or OptimumModel) against the source model in
+    PyTorch float32 on the first tokens of the held-out text (hf2mlflow/quality.py); ValidationError, with
+    the figures, when it falls below the target's quality floor."""
+    from hf2mlflow.parity import TorchModel
+    from hf2mlflow.quality import SLICE_TOKENS, SLICE_WINDOW, floor_problems, folder_digest, held_out_ids, \
+        teacher_forced
+    from hf2mlflow.sources.tiny import home
+
+    reference = TorchModel.from_folder(source_dir, trust_remote_code)
+    ids = held_out_ids(reference, SLICE_TOKENS)
+    summary = teacher_forced(reference, candidate, ids, SLICE_WINDOW,
+                             cache=(home() / "reference-logits", folder_digest(source_dir)))
+    problems = floor_problems(summary, floor.max_mean_kld, floor.min_top1_agreement)
+    if problems:
+        raise ValidationError(
+            f"{WHERE} is below the target's quality_floor: {'; '.join(problems)} (teacher-forced against the "
+            f"source model in PyTorch float32 on {summary['positions']} positions of the held-out text; "
+            f"perplexity {summary['perplexity']:.2f} against the source's {summary['reference_perplexity']:.2f}). "
+            f"Use a recipe that keeps more precision (an 8-bit output layer, 8-bit mixed layers, a smaller "
+            f"block), or lower the floor in the target file")
+    return summary

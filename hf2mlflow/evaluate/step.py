@@ -15,6 +15,7 @@ import pandas as pd
 from hf2mlflow.datasets import Example, load_dataset
 from hf2mlflow.logged_models import EvalModel, resolve_all
 from hf2mlflow.measure import measure_fresh
+from hf2mlflow.quality import SUMMARY_KEYS
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime.manifest import folder_bytes
 from hf2mlflow.evaluate.scoring import genai_scorers
@@ -23,6 +24,7 @@ from hf2mlflow.step_args import EvaluateArgs
 
 STEP = "evaluate"
 SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "contains", "parity_identical_rate",
+                   "mean_kld", "top1_agreement", "perplexity",
                    "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50", "latency_s_p95", "load_s",
                    "peak_rss_mib", "size_mib", "flag"]
 
@@ -34,25 +36,50 @@ def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
         raise StepError(str(exc)) from None
 
 
-def _parity(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int, references: dict):
-    from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel, compare
+def _reference(model: EvalModel, references: dict):
+    """The source model in PyTorch float32, and its folder's digest (keys the teacher-forced logits cache);
+    loaded once per source."""
+    from hf2mlflow.parity import TorchModel
+    from hf2mlflow.quality import folder_digest
     from hf2mlflow.sources.resolve import resolve_model
 
     key = model.source.model_dump_json(exclude={"name", "description"})
     if key not in references:
         resolved = resolve_model(model.source)
-        references[key] = TorchModel.from_folder(resolved.path, model.source.trust_remote_code)
+        references[key] = (TorchModel.from_folder(resolved.path, model.source.trust_remote_code),
+                           folder_digest(resolved.path))
+    return references[key]
+
+
+def _candidate(model: EvalModel, model_dir: Path):
+    """The logged model as parity and the teacher-forced measure read it."""
+    from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel
+
     if model.flavor == "onnx":
         (genai_config,) = model_dir.rglob("genai_config.json")
-        candidate = GenAIModel(genai_config.parent)
-    elif model.flavor == "optimum-onnx":
+        return GenAIModel(genai_config.parent)
+    if model.flavor == "optimum-onnx":
         (graph,) = model_dir.rglob("model.onnx")
-        candidate = OptimumModel(graph.parent)
-    else:
-        pipeline = mlflow.transformers.load_model(str(model_dir))
-        candidate = TorchModel(pipeline.model, pipeline.tokenizer)
+        return OptimumModel(graph.parent)
+    pipeline = mlflow.transformers.load_model(str(model_dir))
+    return TorchModel(pipeline.model, pipeline.tokenizer)
+
+
+def _compare_with_source(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int,
+                         references: dict) -> tuple[list, dict]:
+    """Greedy parity on the dataset's prompts, and the teacher-forced measure on the held-out text."""
+    from hf2mlflow.parity import compare
+    from hf2mlflow.quality import EVALUATE_WINDOW, held_out_ids, teacher_forced
+    from hf2mlflow.sources.tiny import home
+
+    reference, digest = _reference(model, references)
+    candidate = _candidate(model, model_dir)
     with_logits = model.precision in ("fp32", "fp16")
-    return compare(references[key], candidate, [e.messages for e in examples], max_new_tokens, with_logits)
+    results = compare(reference, candidate, [e.messages for e in examples], max_new_tokens, with_logits)
+    print(f"[{STEP}] {model.name}: teacher-forced against the source model on the held-out text")
+    quality = teacher_forced(reference, candidate, held_out_ids(reference), EVALUATE_WINDOW,
+                             cache=(home() / "reference-logits", digest))
+    return results, quality
 
 
 def _quality(model: EvalModel, examples: list[Example], answers: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -91,8 +118,9 @@ def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, 
         from hf2mlflow.parity import summarize
 
         print(f"[{STEP}] {model.name}: parity with the source model in PyTorch float32")
-        results = _parity(model, model_dir, examples, max_new_tokens, references)
+        results, quality = _compare_with_source(model, model_dir, examples, max_new_tokens, references)
         summary.update(summarize(results))
+        summary.update({**{k: quality[k] for k in SUMMARY_KEYS}, "kld_positions": quality["positions"]})
         per_prompt["first_divergence"] = [r.first_divergence for r in results]
         per_prompt["tokenizer_agrees"] = [r.tokenizer_agrees for r in results]
         flags = []

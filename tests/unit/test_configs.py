@@ -2,6 +2,7 @@ import textwrap
 
 import pytest
 
+from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.config import VALID_PRECISIONS, load_model, load_target, shipped
 from hf2mlflow.errors import ConfigError
 from tests.support import write_target
@@ -35,10 +36,14 @@ def test_the_required_targets_and_models_are_shipped():
             "tiny-phi3", "tiny-qwen2", "tiny-gpt2"} <= set(shipped("models"))
 
 
-def test_cpu_int4_is_microsofts_published_build():
+def test_cpu_int4_is_the_recipe_the_teacher_forced_measure_chose():
     t = load_target("cpu-int4")
     assert (t.execution_provider, t.precision) == ("cpu", "int4")
-    assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=default"]
+    assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=k_quant",
+                                          "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]
+    assert t.quality_floor.max_mean_kld == 0.3
+    published = load_target(str(PROJECT_ROOT / "benchmarks" / "int4_recipes" / "published-phi3-build.yaml"))
+    assert published.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=default"]
 
 
 def write(tmp_path, name, text):

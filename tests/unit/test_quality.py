@@ -4,7 +4,7 @@ per scored position, and the windows whose second half is scored."""
 import numpy as np
 import pytest
 
-from hf2mlflow.quality import score_window, teacher_forced, windows
+from hf2mlflow.quality import floor_problems, folder_digest, reference_logits, score_window, teacher_forced, windows
 
 
 def test_identical_logits_score_zero_divergence_and_full_agreement():
@@ -47,3 +47,45 @@ def test_each_window_scores_its_second_half():
 def test_bad_windows_are_refused(n, window, expected):
     with pytest.raises(ValueError, match=expected):
         windows(n, window)
+
+
+class _Counting(_Model):
+    def __init__(self, table):
+        super().__init__(table)
+        self.calls = 0
+
+    def all_logits(self, ids):
+        self.calls += 1
+        return super().all_logits(ids)
+
+
+def test_reference_logits_are_computed_once_per_model_ids_and_window(tmp_path):
+    rng = np.random.default_rng(2)
+    reference, candidate = _Counting(rng.normal(size=(40, 40))), _Model(rng.normal(size=(40, 40)))
+    ids, cache = list(range(40)), (tmp_path, "digest-of-the-model")
+    first = teacher_forced(reference, candidate, ids, window=8, cache=cache)
+    assert reference.calls == 5 and len(list(tmp_path.glob("*.npy"))) == 1
+    assert teacher_forced(reference, candidate, ids, window=8, cache=cache) == first and reference.calls == 5
+    # Another window, other ids or another model's digest: computed anew, kept beside the first.
+    reference_logits(reference, ids, 10, cache)
+    reference_logits(reference, ids[::-1], 8, cache)
+    reference_logits(reference, ids, 8, (tmp_path, "another-model"))
+    assert reference.calls == 5 + 4 + 5 + 5 and len(list(tmp_path.glob("*.npy"))) == 4
+    assert not list(tmp_path.glob("*.partial"))  # written whole, then renamed
+
+
+def test_folder_digest_follows_file_contents(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    before = folder_digest(tmp_path)
+    assert folder_digest(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(b"weightz")
+    assert folder_digest(tmp_path) != before
+
+
+def test_floor_problems_name_each_figure_against_its_floor():
+    summary = {"mean_kld": 0.4, "top1_agreement": 0.6}
+    assert floor_problems(summary, None, None) == []
+    assert floor_problems(summary, 0.5, 0.5) == []
+    assert floor_problems(summary, 0.1, 0.7) == ["mean KL divergence 0.4 > 0.1 allowed",
+                                                 "top-1 agreement 60.0% < 70.0% required"]

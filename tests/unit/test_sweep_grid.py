@@ -25,13 +25,13 @@ def test_every_shipped_sweep_loads_and_its_points_are_valid_targets():
 
 
 def test_the_grid_is_every_combination_then_the_extra_points_without_repeats_or_the_base_again():
-    config = sweep(grid={"builder_options.algo_config": ["default", "rtn"], "builder_options.block_size": [32, 64]},
+    config = sweep(grid={"builder_options.algo_config": ["k_quant", "rtn"], "builder_options.block_size": [32, 64]},
                    points=[{"builder_options.block_size": 64, "builder_options.algo_config": "rtn"},
                            {"session_options.allow_spinning": False}])
     grid = points(config, BASE_TARGET, REFERENCE_TARGET, "test.yaml")
     labels = [p.label for p in grid]
-    # default+32 is the base target itself (cpu-int4); rtn+64 given twice is one point.
-    assert labels == ["reference (cpu-fp32)", "base (cpu-int4)", "algo_config=default block_size=64",
+    # k_quant+32 is the base target itself (cpu-int4); rtn+64 given twice is one point.
+    assert labels == ["reference (cpu-fp32)", "base (cpu-int4)", "algo_config=k_quant block_size=64",
                       "algo_config=rtn block_size=32", "algo_config=rtn block_size=64", "allow_spinning=false"]
 
 
