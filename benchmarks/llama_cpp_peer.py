@@ -192,8 +192,9 @@ def onnx_runtimes(targets: list[str], work: Path, log=print) -> list[dict]:
         log(f"[onnx] converting {MODEL} to {target} and logging it", flush=True)
         run_id = convert(ConvertArgs(model=MODEL, target=target))
         uri = log_pyfunc(LogPyfuncArgs(convert_run_id=run_id))
-        path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / target)))
-        runtimes.append(onnx_runtime(f"onnx {target}", path, f"{target} (hf2mlflow convert)"))
+        path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / Path(target).stem)))
+        name = Path(target).stem  # a shipped target's name, or a target file's
+        runtimes.append(onnx_runtime(f"onnx {name}", path, f"{name} (hf2mlflow convert)"))
     return runtimes
 
 

@@ -6,6 +6,14 @@ agreement and perplexity on the held-out English text hf2mlflow/sources/data/hel
     python benchmarks/quality_kld.py --quick        # tiny-phi3 (random weights), windows of 128: a smoke run
     python benchmarks/quality_kld.py --name quality_kld_int4_recipes \
         --targets cpu-int4,$(ls benchmarks/int4_recipes/*.yaml | paste -sd,)   # int4 recipes side by side
+    python benchmarks/quality_kld.py --off-grid --name quality_kld_int4_recipes_off_grid --targets ...
+
+--off-grid scores the recipes on weights that sit on no 4-bit grid. The trained model's float weights are the
+shipped Q4_1 file dequantized: every block of 32 holds at most 16 values, evenly spaced, so a quantizer whose grid
+is Q4_1's (asymmetric blocks of 32 with a float offset) gets them back exactly and looks lossless on this model
+alone. --off-grid adds to each weight uniform noise within half a step of its block's grid (seeded), so the
+shipped file is again a fair rounding of these weights but no quantizer can find them exactly; the reference is
+then the off-grid model in PyTorch float32.
 
 Every target is converted into a temporary MLflow store, read with onnxruntime-genai on the source tokenizer's
 token ids, window by window (the second half of each scored); a target that cannot be built is a row saying why.
@@ -18,7 +26,6 @@ import argparse
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +36,6 @@ from suite_report import cpu_name  # noqa: E402
 from suite_setup import models_store  # noqa: E402
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
-TEXT = "sources/data/held_out_english.txt"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,12 +44,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", default="cpu-fp32,cpu-int8,cpu-int4", help="comma-separated cpu targets")
     parser.add_argument("--window", type=int, default=256, help="tokens per window; its second half is scored")
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, windows of 128: a smoke run")
+    parser.add_argument("--off-grid", action="store_true",
+                        help="score on the model's weights moved off their 4-bit grid (see above)")
     parser.add_argument("--output_dir", default=str(RESULTS), help="where NAME.{md,json} go")
     parser.add_argument("--name", default="quality_kld", help="results file name, without suffix")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.window = "tiny-phi3", 128
     return args
+
+
+def off_grid_folder(source: Path, out: Path, seed: int = 0) -> Path:
+    """A copy of the Hugging Face folder `source` whose 2-D weights get uniform noise within half a step of the
+    grid their GGUF file stored them on: 8-bit symmetric (max/127) for the token embedding, as Q8_0 holds it,
+    4-bit asymmetric ((max-min)/15) for the rest, as Q4_1 does; blocks of 32 along each row. Made once."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model.safetensors").is_file():
+        return out
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=shutil.ignore_patterns("model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        if tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+            blocks = tensor.float().reshape(tensor.shape[0], -1, 32)
+            step = (blocks.abs().amax(-1, keepdim=True) / 127 if "embed" in name else
+                    (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15)
+            noise = (torch.rand(blocks.shape, generator=generator) - 0.5) * step
+            tensor = (blocks + noise).reshape(tensor.shape).to(tensor.dtype).contiguous()
+        weights[name] = tensor
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    partial.rename(out)
+    return out
 
 
 def table(results: dict) -> str:
@@ -73,11 +110,20 @@ def main(argv=None) -> dict:
     from hf2mlflow.runtime.manifest import folder_bytes
     from hf2mlflow.sources.resolve import resolve_model
 
+    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids
+    from hf2mlflow.sources.tiny import home
+
     args = parse_args(argv)
     source = resolve_model(load_model(args.model)).path
+    if args.off_grid:
+        source = off_grid_folder(source, home() / "off-grid" / folder_digest(source)[:16])
+        print(f"[quality] off-grid weights: {source}", flush=True)
+        label, args.model = f"{args.model}, off its 4-bit grid (--off-grid)", str(source)
+    else:
+        label = args.model
     print(f"[quality] reference: {args.model} in PyTorch float32 ({source})", flush=True)
     reference = TorchModel.from_folder(source)
-    ids = reference.encode(resources.files("hf2mlflow").joinpath(TEXT).read_text(encoding="utf-8"))
+    ids = held_out_ids(reference)
     rows = {}
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         for number, target in enumerate(t for t in args.targets.split(",") if t):
@@ -92,7 +138,8 @@ def main(argv=None) -> dict:
             folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx",
                                                               dst_path=str(work / f"model-{number}")))
             print(f"[quality] {name}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
-            rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window),
+            rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window,
+                                                     cache=(home() / "reference-logits", folder_digest(source))),
                                       "size_mib": folder_bytes(folder) / 2**20}
     measured = [row for row in rows.values() if "failed" not in row]
     if not measured:
@@ -103,7 +150,8 @@ def main(argv=None) -> dict:
                                             "size_mib": folder_bytes(source) / 2**20}, **rows}
     given = sys.argv[1:] if argv is None else argv
     results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/quality_kld.py", *given]),
-               "model": args.model, "window": args.window,
+               "model": label,
+               "window": args.window,
                "text": TEXT, "tokens": len(ids), "positions": first["positions"],
                "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "rows": rows}
     text = table(results)

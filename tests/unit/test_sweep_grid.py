@@ -74,38 +74,56 @@ def test_a_target_file_is_named_for_its_content_and_loads_as_a_target(tmp_path):
     assert load_target(str(first)).builder_options.block_size == 64
 
 
-def measured(key, speed, prompts, agreement=1.0, examples=10) -> Measured:
+def measured(key, speed, prompts, agreement=1.0, examples=10, kld=0.1, top1=0.8) -> Measured:
     point = Point(key, key, {}, {}, {})
     return Measured(point, prompts / examples, examples, agreement, speed, 50.0, 100.0, 300.0,
-                    {"decode": {"median": speed, "min": speed, "max": speed}})
+                    {"decode": {"median": speed, "min": speed, "max": speed}}, kld, top1)
 
 
 def test_the_pareto_front_holds_the_points_nothing_beats_on_both_axes():
-    points_ = [measured(REFERENCE, 40, 9), measured(BASE, 100, 8), measured("a", 120, 8), measured("b", 110, 7),
-               measured("c", 130, 5)]
+    points_ = [measured(REFERENCE, 40, 9, kld=0.0), measured(BASE, 100, 8, kld=0.2), measured("a", 120, 8, kld=0.2),
+               measured("b", 110, 7, kld=0.3), measured("c", 130, 5, kld=0.4)]
     assert [m.point.key for m in pareto_front(points_)] == [REFERENCE, "a", "c"]
 
 
-def test_the_pick_is_the_fastest_point_within_the_quality_bound_and_says_why():
+def test_the_pick_is_the_fastest_point_within_the_teacher_forced_bound_and_says_why():
+    config = sweep(points=[{"builder_options.block_size": 64}], quality={"max_mean_kld": 0.2,
+                                                                         "min_top1_agreement": 0.7})
+    points_ = [measured(REFERENCE, 40, 9, kld=0.0, top1=1.0), measured(BASE, 100, 8, kld=0.2),
+               measured("a", 120, 6, kld=0.15), measured("fast-but-far", 150, 9, kld=0.35),
+               measured("fast-but-disagreeing", 140, 9, kld=0.1, top1=0.6)]
+    winner, reason = pick(points_, config)
+    assert winner.point.key == "a"  # answers on 10 prompts are shown, not bound: 6 right against 9
+    assert "fastest of 2 of 4 points within the quality bound" in reason and "1.20x the base" in reason
+    assert "mean KLD 0.15 (<= 0.2), top-1 agreement 80.0% (>= 70.0%), contains 6.0/10 against the reference's 9.0" \
+        in reason
+
+
+def test_answers_on_the_dataset_may_bound_too():
     config = sweep(points=[{"builder_options.block_size": 64}],
-                   quality={"max_prompts_lost": 1, "min_greedy_agreement": 0.5})
+                   quality={"max_mean_kld": None, "max_prompts_lost": 1, "min_greedy_agreement": 0.5})
     points_ = [measured(REFERENCE, 40, 9), measured(BASE, 100, 8), measured("a", 120, 8),
                measured("fast-but-wrong", 150, 7), measured("fast-but-diverging", 140, 9, agreement=0.2)]
     winner, reason = pick(points_, config)
-    assert winner.point.key == "a"
-    assert "fastest of 2 of 4 points within the quality bound" in reason and "1.20x the base" in reason
-    assert "contains 8.0/10 against the reference's 9.0" in reason
+    assert winner.point.key == "a" and "contains 8.0/10 against the reference's 9.0 (<= 1 prompt(s) lost)" in reason
+
+
+def test_a_sweep_without_any_quality_bound_is_refused():
+    with pytest.raises(ValueError, match="quality sets no bound"):
+        sweep(points=[{"builder_options.block_size": 64}], quality={"max_mean_kld": None})
 
 
 def test_no_pick_when_no_point_keeps_the_bound_and_the_reason_names_each_point():
-    config = sweep(points=[{"builder_options.block_size": 64}], quality={"max_prompts_lost": 0})
-    winner, reason = pick([measured(REFERENCE, 40, 9), measured(BASE, 100, 8)], config)
-    assert winner is None and reason.startswith("no point keeps the quality bound") and "base: contains 8.0" in reason
+    config = sweep(points=[{"builder_options.block_size": 64}], quality={"max_mean_kld": 0.05})
+    winner, reason = pick([measured(REFERENCE, 40, 9, kld=0.0), measured(BASE, 100, 8, kld=0.2)], config)
+    assert winner is None and reason.startswith("no point keeps the quality bound")
+    assert "base: mean KLD 0.2 (> 0.05)" in reason
 
 
-def test_at_equal_speed_the_better_quality_is_picked():
+def test_at_equal_speed_the_closer_to_the_source_is_picked():
     config = sweep(points=[{"builder_options.block_size": 64}])
-    winner, _ = pick([measured(REFERENCE, 40, 9), measured(BASE, 100, 7), measured("better", 100, 8)], config)
+    winner, _ = pick([measured(REFERENCE, 40, 9, kld=0.0), measured(BASE, 100, 7, kld=0.2),
+                      measured("better", 100, 8, kld=0.1)], config)
     assert winner.point.key == "better"
 
 
