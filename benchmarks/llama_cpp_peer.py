@@ -535,7 +535,7 @@ def teacher_forced_all(runtimes: list[dict], threads: int, window: int = 256, lo
         log(f"[teacher-forced] {runtime['name']}: {len(ids)} tokens in windows of {window}", flush=True)
         model = (LlamaLogits(runtime["path"], threads, window) if runtime["kind"] == "llama"
                  else GenAIModel(Path(runtime["path"])))
-        out[runtime["name"]] = teacher_forced(reference, model, ids, window, cache)
+        out[runtime["name"]] = teacher_forced(reference, model, ids, window, cache, reference.bos_id)
     return out
 
 

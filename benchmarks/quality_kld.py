@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--targets", default="cpu-fp32,cpu-int8,cpu-int4", help="comma-separated cpu targets")
     parser.add_argument("--window", type=int, default=256, help="tokens per window; its second half is scored")
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, windows of 128: a smoke run")
+    parser.add_argument("--builder-only", metavar="WHY", default="",
+                        help="score the model builder's output for each target without convert_onnx's validation, "
+                             "for a model convert_onnx refuses; WHY (why it refuses) goes into the table")
     parser.add_argument("--off-grid", action="store_true",
                         help="score on the model's weights moved off their 4-bit grid (see above)")
     parser.add_argument("--output_dir", default=str(RESULTS), help="where NAME.{md,json} go")
@@ -83,10 +86,29 @@ def off_grid_folder(source: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build(args, source: Path, target: str, out: Path) -> Path:
+    """The ONNX model folder of `target`: convert_onnx's (validated, logged in the temporary store), or with
+    --builder-only the model builder's output with the target's options, unvalidated."""
+    import mlflow
+
+    from hf2mlflow.config import load_target
+    from hf2mlflow.convert.genai_builder import run_builder
+    from hf2mlflow.convert.step import ConvertArgs, convert
+
+    if args.builder_only:
+        run_builder(source, out / "onnx", out / "builder-cache", load_target(target), trust_remote_code=False)
+        return out / "onnx"
+    run_id = convert(ConvertArgs(model=args.model, target=target))
+    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx", dst_path=str(out)))
+
+
 def table(results: dict) -> str:
+    built = (" Built with the model builder and each target's options, not convert_onnx: "
+             + results["builder_only"] + "." if results.get("builder_only") else "")
     lines = [f"Measured {results['date']} with `{results['command']}`: {results['model']}, "
              f"{results['positions']} scored positions (windows of {results['window']} tokens, second half scored) "
-             f"of the held-out text, every model against PyTorch float32 on the same token ids; {results['machine']}.",
+             f"of the held-out text, every model against PyTorch float32 on the same token ids; {results['machine']}."
+             + built,
              "", "| model | size MiB | mean KLD | 99th pct KLD | same top token | perplexity |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in results["rows"].items():
@@ -103,14 +125,11 @@ def main(argv=None) -> dict:
     import psutil
 
     from hf2mlflow.config import load_model
-    from hf2mlflow.convert.step import ConvertArgs, convert
     from hf2mlflow.errors import StepError
     from hf2mlflow.parity import GenAIModel, TorchModel
-    from hf2mlflow.quality import teacher_forced
+    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids, teacher_forced
     from hf2mlflow.runtime.manifest import folder_bytes
     from hf2mlflow.sources.resolve import resolve_model
-
-    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids
     from hf2mlflow.sources.tiny import home
 
     args = parse_args(argv)
@@ -128,18 +147,18 @@ def main(argv=None) -> dict:
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         for number, target in enumerate(t for t in args.targets.split(",") if t):
             name = Path(target).stem  # a shipped target's name, or a target file's
-            print(f"[quality] converting {args.model} to {target}", flush=True)
+            print(f"[quality] {'building' if args.builder_only else 'converting'} {args.model} to {target}",
+                  flush=True)
             try:
-                run_id = convert(ConvertArgs(model=args.model, target=target))
+                folder = build(args, source, target, work / f"model-{number}")
             except StepError as exc:  # a recipe the builder or the runtime cannot make: a row that says why
                 print(f"[quality] {name}: FAILED: {exc}", flush=True)
                 rows[f"ours {name}"] = {"failed": str(exc).split(". ")[0]}
                 continue
-            folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx",
-                                                              dst_path=str(work / f"model-{number}")))
             print(f"[quality] {name}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
             rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window,
-                                                     cache=(home() / "reference-logits", folder_digest(source))),
+                                                     cache=(home() / "reference-logits", folder_digest(source)),
+                                                     bos=reference.bos_id),
                                       "size_mib": folder_bytes(folder) / 2**20}
     measured = [row for row in rows.values() if "failed" not in row]
     if not measured:
@@ -153,7 +172,8 @@ def main(argv=None) -> dict:
                "model": label,
                "window": args.window,
                "text": TEXT, "tokens": len(ids), "positions": first["positions"],
-               "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "rows": rows}
+               "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "rows": rows,
+               "builder_only": args.builder_only}
     text = table(results)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,14 @@ class TorchModel:
     def eos_ids(self) -> set[int]:
         return _eos_ids(self.model.generation_config.eos_token_id) | _eos_ids(self.tokenizer.eos_token_id)
 
+    @property
+    def bos_id(self):
+        """The id the tokenizer puts before every text it encodes with special tokens (Gemma's <bos>), or None
+        where it puts none (SmolLM2)."""
+        bos = self.tokenizer.bos_token_id
+        ids = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return bos if bos is not None and ids and ids[0] == bos else None
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         import torch
 
@@ -125,8 +133,15 @@ class GenAIModel:
         import onnxruntime_genai as og
 
         self.og, self.model = og, og.Model(str(path))
-        self.tokenizer = og.Tokenizer(self.model)
+        self._tokenizer = None
         self.eos_ids = _eos_ids(json.loads((path / "genai_config.json").read_text())["model"]["eos_token_id"])
+
+    @property
+    def tokenizer(self):
+        """onnxruntime-genai's tokenizer, loaded when first used: teacher-forced logits need only token ids."""
+        if self._tokenizer is None:
+            self._tokenizer = self.og.Tokenizer(self.model)
+        return self._tokenizer
 
     def _generator(self, ids: list[int], max_length: int):
         params = self.og.GeneratorParams(self.model)

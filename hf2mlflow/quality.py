@@ -93,19 +93,28 @@ def _scored(window: int) -> slice:
     return slice(window // 2, window - 1)
 
 
-def reference_logits(reference, ids: list[int], window: int, cache: Optional[tuple[Path, str]] = None) -> np.ndarray:
+def window_ids(ids: list[int], window: int, bos: Optional[int] = None) -> list[list[int]]:
+    """The whole windows of `ids`; with `bos`, each window's first id replaced by it, as llama-perplexity does for
+    a model whose tokenizer starts every text with one (a window then reads as the start of a text)."""
+    chunks = [list(ids[start:start + window]) for start in windows(len(ids), window)]
+    return [[bos, *chunk[1:]] for chunk in chunks] if bos is not None else chunks
+
+
+def reference_logits(reference, ids: list[int], window: int, cache: Optional[tuple[Path, str]] = None,
+                     bos: Optional[int] = None) -> np.ndarray:
     """The reference's logits at every scored position, [positions, vocab]. With `cache` = (folder, digest of
     the reference model), read from or written to folder/<key>.npy, the key a digest of the model's digest, the
     token ids and the window; written whole or not at all, so a killed run leaves nothing half-made to reuse."""
     path = None
     if cache:
         folder, model_digest = cache
-        key = hashlib.sha256(f"{model_digest}:{window}:".encode() + np.asarray(ids, np.int64).tobytes()).hexdigest()
+        key = hashlib.sha256(f"{model_digest}:{window}:{bos}:".encode()
+                             + np.asarray(ids, np.int64).tobytes()).hexdigest()
         path = Path(folder) / f"{key[:32]}.npy"
         if path.is_file():
             return np.load(path)
-    logits = np.concatenate([np.asarray(reference.all_logits(ids[start:start + window]), np.float32)[_scored(window)]
-                             for start in windows(len(ids), window)])
+    logits = np.concatenate([np.asarray(reference.all_logits(chunk), np.float32)[_scored(window)]
+                             for chunk in window_ids(ids, window, bos)])
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
@@ -116,14 +125,13 @@ def reference_logits(reference, ids: list[int], window: int, cache: Optional[tup
 
 
 def teacher_forced(reference, candidate, ids: list[int], window: int = EVALUATE_WINDOW,
-                   cache: Optional[tuple[Path, str]] = None) -> dict:
+                   cache: Optional[tuple[Path, str]] = None, bos: Optional[int] = None) -> dict:
     """Both models over `ids` window by window; the summary of every window's second half (reference_logits
-    says what `cache` is)."""
+    says what `cache` is, window_ids what `bos` is)."""
     ids = [int(i) for i in ids]
-    expected = reference_logits(reference, ids, window, cache)
+    expected = reference_logits(reference, ids, window, cache, bos)
     parts, row = [], 0
-    for start in windows(len(ids), window):
-        chunk = ids[start:start + window]
+    for chunk in window_ids(ids, window, bos):
         got = np.asarray(candidate.all_logits(chunk))[_scored(window)]
         parts.append(score_window(expected[row:row + len(got)], got, np.asarray(chunk[window // 2 + 1:])))
         row += len(got)

@@ -123,7 +123,18 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
                               f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
                               f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
                               f"otherwise try another precision or -P exporter=optimum") from None
-    model, tokenizer = candidate.model, candidate.tokenizer
+    try:
+        tokenizer = candidate.tokenizer
+    except RuntimeError as exc:
+        tokenizer_json = model_dir / "tokenizer.json"
+        kind = (json.loads(tokenizer_json.read_text()).get("model", {}).get("type", "?")
+                if tokenizer_json.is_file() else "none")
+        raise ValidationError(f"onnxruntime-genai's tokenizer cannot read the tokenizer the builder copied "
+                              f"(tokenizer.json, a {kind} model: {exc}), so the model cannot be served with "
+                              f"onnxruntime-genai. Convert with -P exporter=optimum (onnxruntime with the "
+                              f"transformers tokenizer), or give the model a tokenizer.json that "
+                              f"onnxruntime-extensions reads (BPE)") from None
+    model = candidate.model
     ids = candidate.encode(prompt)
     if not ids:
         raise ValidationError(f"{WHERE}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
@@ -209,7 +220,7 @@ def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = 
     reference = TorchModel.from_folder(source_dir, trust_remote_code)
     ids = held_out_ids(reference, SLICE_TOKENS)
     summary = teacher_forced(reference, candidate, ids, SLICE_WINDOW,
-                             cache=(home() / "reference-logits", folder_digest(source_dir)))
+                             cache=(home() / "reference-logits", folder_digest(source_dir)), bos=reference.bos_id)
     problems = floor_problems(summary, floor.max_mean_kld, floor.min_top1_agreement)
     if problems:
         raise ValidationError(

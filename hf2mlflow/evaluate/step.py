@@ -78,7 +78,7 @@ def _compare_with_source(model: EvalModel, model_dir: Path, examples: list[Examp
     results = compare(reference, candidate, [e.messages for e in examples], max_new_tokens, with_logits)
     print(f"[{STEP}] {model.name}: teacher-forced against the source model on the held-out text")
     quality = teacher_forced(reference, candidate, held_out_ids(reference), EVALUATE_WINDOW,
-                             cache=(home() / "reference-logits", digest))
+                             cache=(home() / "reference-logits", digest), bos=reference.bos_id)
     return results, quality
 
 
