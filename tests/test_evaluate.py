@@ -31,7 +31,8 @@ def test_one_run_with_metrics_per_model(evaluation):
     for name in NAMES:
         assert tags[f"model.{name}.uri"].startswith("models:/")
         for key in ("exact_match", "rouge_l", "contains", "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50",
-                    "latency_s_p95", "load_s", "peak_rss_mib", "size_mib", "parity_identical_rate"):
+                    "latency_s_p95", "load_s", "peak_rss_mib", "size_mib", "parity_identical_rate", "mean_kld",
+                    "p99_kld", "top1_agreement", "perplexity"):
             assert f"{name}.{key}" in metrics, f"{name}.{key}"
         assert metrics[f"{name}.decode_tokens_per_s"] > 0 and metrics[f"{name}.peak_rss_mib"] > 50
         assert metrics[f"{name}.latency_s_p95"] >= metrics[f"{name}.latency_s_p50"]
@@ -44,6 +45,10 @@ def test_fp32_onnx_and_transformers_agree_with_pytorch(evaluation):
     assert metrics["tiny-phi3-cpu-fp32-onnx.parity_logits_max_abs_diff"] < 1e-3
     assert metrics["tiny-phi3-cpu-fp32-transformers.parity_identical_rate"] == 1.0
     assert "tiny-phi3-cpu-int4-onnx.parity_logits_max_abs_diff" not in metrics  # logits only for fp32/fp16
+    # Teacher-forced on the held-out text: the fp32 models are the source model to float rounding; int4 is not.
+    for name in ("tiny-phi3-cpu-fp32-onnx", "tiny-phi3-cpu-fp32-transformers"):
+        assert metrics[f"{name}.mean_kld"] < 1e-3 and metrics[f"{name}.top1_agreement"] >= 0.99
+    assert metrics["tiny-phi3-cpu-int4-onnx.mean_kld"] > 10 * max(metrics["tiny-phi3-cpu-fp32-onnx.mean_kld"], 1e-9)
 
 
 def test_tables_chart_and_flags(evaluation):

@@ -40,6 +40,18 @@ def _only_run(tracking_uri):
     return run
 
 
+def _convert_fails(tracking_uri, capsys, model: str, target: str):
+    """convert_onnx run as a script: it exits 1 without a traceback; its stderr and its one (FAILED) run."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert_step.main(["--model", model, "--target", target])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "[convert_onnx] FAILED:" in err and "Traceback" not in err
+    run = _only_run(tracking_uri)
+    assert run.info.status == "FAILED"
+    return err, run
+
+
 def test_fp32_model_that_differs_from_pytorch_fails_the_run(tracking, tmp_path, capsys):
     # YaRN rope scaling without beta_fast/beta_slow (as Qwen2.5's long-context instructions write it): PyTorch
     # applies it with default betas, the 0.15.2 builder ignores it. Larger output weights make the logits
@@ -51,14 +63,9 @@ def test_fp32_model_that_differs_from_pytorch_fails_the_run(tracking, tmp_path, 
     folder = _variant("tiny-qwen2", tmp_path / "qwen2-yarn", {
         "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256}},
         scale_output)
-    with pytest.raises(SystemExit) as exit_info:
-        convert_step.main(["--model", str(folder), "--target", "cpu-fp32"])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "[convert_onnx] FAILED:" in err and "next-token logits differ from PyTorch's" in err
-    assert "rope_scaling" in err and "Traceback" not in err
-    run = _only_run(tracking)
-    assert run.info.status == "FAILED" and "logits differ" in run.data.tags["error"]
+    err, run = _convert_fails(tracking, capsys, str(folder), "cpu-fp32")
+    assert "next-token logits differ from PyTorch's" in err and "rope_scaling" in err
+    assert "logits differ" in run.data.tags["error"]
 
 
 def _tied(state):
@@ -139,14 +146,9 @@ def test_a_conversion_below_its_quality_floor_fails_with_the_figures(tracking, t
     # The shipped recipe on random weights (mean KL divergence about 3e-5): no int4 model reaches a floor of 1e-9.
     target.write_text((PROJECT_ROOT / "hf2mlflow" / "configs" / "targets" / "cpu-int4.yaml").read_text()
                       .replace("max_mean_kld: 0.3", "max_mean_kld: 1.0e-9"))
-    with pytest.raises(SystemExit) as exit_info:
-        convert_step.main(["--model", "tiny-phi3", "--target", str(target)])
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err
+    err, run = _convert_fails(tracking, capsys, "tiny-phi3", str(target))
     assert "below the target's quality_floor: mean KL divergence" in err and "> 1e-09 allowed" in err
-    assert "252 positions of the held-out text" in err and "Traceback" not in err
-    run = _only_run(tracking)
-    assert run.info.status == "FAILED" and "quality_floor" in run.data.tags["error"]
+    assert "252 positions of the held-out text" in err and "quality_floor" in run.data.tags["error"]
     assert not mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="onnx")
 
 
