@@ -41,7 +41,8 @@ def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_chi
     for parent, result in zip(sorted(swept["parents"], key=lambda r: r.info.start_time),
                               (swept["first"], swept["second"]), strict=True):
         assert [p["label"] for p in result["points"]] == [
-            "reference (cpu-fp32)", "base (cpu-int4)", "block_size=64", "batch_invariant=false"]
+            "reference (cpu-fp32)", "base (cpu-int4)", "matmul_mixed_precision=last_matmul:int8",
+            "batch_invariant=false"]
         for point in result["points"]:
             child = by_id[point["child_run_id"]]
             assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -56,7 +57,7 @@ def test_a_runtime_option_shares_the_base_conversion_and_a_builder_option_gets_i
     runs = {p["label"]: p["runs"] for p in swept["first"]["points"]}
     assert runs["batch_invariant=false"]["convert_onnx"] == runs["base (cpu-int4)"]["convert_onnx"]
     assert runs["batch_invariant=false"]["log_pyfunc"] != runs["base (cpu-int4)"]["log_pyfunc"]
-    assert runs["block_size=64"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
+    assert runs["matmul_mixed_precision=last_matmul:int8"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
 
 
 def test_the_second_sweep_reuses_every_step_of_every_point(swept):
