@@ -7,6 +7,8 @@ agreement and perplexity on the held-out English text hf2mlflow/sources/data/hel
     python benchmarks/quality_kld.py --name quality_kld_int4_recipes \
         --targets cpu-int4,$(ls benchmarks/int4_recipes/*.yaml | paste -sd,)   # int4 recipes side by side
     python benchmarks/quality_kld.py --off-grid --name quality_kld_int4_recipes_off_grid --targets ...
+    python benchmarks/quality_kld.py --model gemma3-270m --name quality_kld_gemma3 --targets ... \
+        --builder-only "why convert_onnx refuses it"    # a model convert_onnx refuses: the builder's output
 
 --off-grid scores the recipes on weights that sit on no 4-bit grid. The trained model's float weights are the
 shipped Q4_1 file dequantized: every block of 32 holds at most 16 values, evenly spaced, so a quantizer whose grid
