@@ -523,13 +523,12 @@ def teacher_forced_all(runtimes: list[dict], threads: int, window: int = 256, lo
     """Each runtime against the Hugging Face folder in PyTorch float32 on the held-out text's token ids."""
     from hf2mlflow.config import load_model
     from hf2mlflow.parity import GenAIModel, TorchModel
-    from hf2mlflow.quality import folder_digest, held_out_ids, teacher_forced
+    from hf2mlflow.quality import held_out_ids, logits_cache, teacher_forced
     from hf2mlflow.sources.resolve import resolve_model
-    from hf2mlflow.sources.tiny import home
 
     source = resolve_model(load_model(MODEL)).path
     reference = TorchModel.from_folder(source)
-    ids, cache = held_out_ids(reference), (home() / "reference-logits", folder_digest(source))
+    ids, cache = held_out_ids(reference), logits_cache(source)
     out = {}
     for runtime in runtimes:
         log(f"[teacher-forced] {runtime['name']}: {len(ids)} tokens in windows of {window}", flush=True)

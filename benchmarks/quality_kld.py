@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     from hf2mlflow.config import load_model
     from hf2mlflow.errors import StepError
     from hf2mlflow.parity import GenAIModel, TorchModel
-    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids, teacher_forced
+    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids, logits_cache, teacher_forced
     from hf2mlflow.runtime.manifest import folder_bytes
     from hf2mlflow.sources.resolve import resolve_model
     from hf2mlflow.sources.tiny import home
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
         label = args.model
     print(f"[quality] reference: {args.model} in PyTorch float32 ({source})", flush=True)
     reference = TorchModel.from_folder(source)
-    ids = held_out_ids(reference)
+    ids, cache = held_out_ids(reference), logits_cache(source)
     rows = {}
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         for number, target in enumerate(t for t in args.targets.split(",") if t):
@@ -158,9 +158,8 @@ def main(argv=None) -> dict:
                 rows[f"ours {name}"] = {"failed": str(exc).split(". ")[0]}
                 continue
             print(f"[quality] {name}: scoring {len(ids)} tokens in windows of {args.window}", flush=True)
-            rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window,
-                                                     cache=(home() / "reference-logits", folder_digest(source)),
-                                                     bos=reference.bos_id),
+            rows[f"ours {name}"] = {**teacher_forced(reference, GenAIModel(folder), ids, args.window, cache,
+                                                     reference.bos_id),
                                       "size_mib": folder_bytes(folder) / 2**20}
     measured = [row for row in rows.values() if "failed" not in row]
     if not measured:

@@ -88,6 +88,14 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def logits_cache(source_folder: Path) -> tuple[Path, str]:
+    """Where the reference's logits are kept (`cache` of reference_logits and teacher_forced), keyed by the
+    digest of the source model's folder: compute it once per source, it reads every file."""
+    from hf2mlflow.sources.tiny import home
+
+    return home() / "reference-logits", folder_digest(source_folder)
+
+
 def _scored(window: int) -> slice:
     # Position p predicts token p + 1: score positions window/2 .. window-2 (the last has no next token).
     return slice(window // 2, window - 1)

@@ -213,14 +213,13 @@ def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = 
     PyTorch float32 on the first tokens of the held-out text (hf2mlflow/quality.py); ValidationError, with
     the figures, when it falls below the target's quality floor."""
     from hf2mlflow.parity import TorchModel
-    from hf2mlflow.quality import SLICE_TOKENS, SLICE_WINDOW, floor_problems, folder_digest, held_out_ids, \
+    from hf2mlflow.quality import SLICE_TOKENS, SLICE_WINDOW, floor_problems, held_out_ids, logits_cache, \
         teacher_forced
-    from hf2mlflow.sources.tiny import home
 
     reference = TorchModel.from_folder(source_dir, trust_remote_code)
     ids = held_out_ids(reference, SLICE_TOKENS)
     summary = teacher_forced(reference, candidate, ids, SLICE_WINDOW,
-                             cache=(home() / "reference-logits", folder_digest(source_dir)), bos=reference.bos_id)
+                             cache=logits_cache(source_dir), bos=reference.bos_id)
     problems = floor_problems(summary, floor.max_mean_kld, floor.min_top1_agreement)
     if problems:
         raise ValidationError(

@@ -37,17 +37,17 @@ def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
 
 
 def _reference(model: EvalModel, references: dict):
-    """The source model in PyTorch float32, and its folder's digest (keys the teacher-forced logits cache);
-    loaded once per source."""
+    """The source model in PyTorch float32, and where its teacher-forced logits are cached; loaded once per
+    source."""
     from hf2mlflow.parity import TorchModel
-    from hf2mlflow.quality import folder_digest
+    from hf2mlflow.quality import logits_cache
     from hf2mlflow.sources.resolve import resolve_model
 
     key = model.source.model_dump_json(exclude={"name", "description"})
     if key not in references:
         resolved = resolve_model(model.source)
         references[key] = (TorchModel.from_folder(resolved.path, model.source.trust_remote_code),
-                           folder_digest(resolved.path))
+                           logits_cache(resolved.path))
     return references[key]
 
 
@@ -70,15 +70,14 @@ def _compare_with_source(model: EvalModel, model_dir: Path, examples: list[Examp
     """Greedy parity on the dataset's prompts, and the teacher-forced measure on the held-out text."""
     from hf2mlflow.parity import compare
     from hf2mlflow.quality import EVALUATE_WINDOW, held_out_ids, teacher_forced
-    from hf2mlflow.sources.tiny import home
 
-    reference, digest = _reference(model, references)
+    reference, cache = _reference(model, references)
     candidate = _candidate(model, model_dir)
     with_logits = model.precision in ("fp32", "fp16")
     results = compare(reference, candidate, [e.messages for e in examples], max_new_tokens, with_logits)
     print(f"[{STEP}] {model.name}: teacher-forced against the source model on the held-out text")
     quality = teacher_forced(reference, candidate, held_out_ids(reference), EVALUATE_WINDOW,
-                             cache=(home() / "reference-logits", digest), bos=reference.bos_id)
+                             cache=cache, bos=reference.bos_id)
     return results, quality
 
 
