@@ -95,14 +95,10 @@ class Generation(Strict):
 
 
 class Batching(Strict):
-    """How the logged ONNX model batches concurrent generations (onnxruntime-genai models)."""
+    """How the logged ONNX model batches concurrent generations (the builder's models on CPU: continuous batching)."""
 
     max_batch: int = Field(8, ge=1, le=64, description="most sequences generated together; 1 turns batching off")
     max_queue: int = Field(32, ge=0, le=1024, description="sequences waiting behind a batch; beyond it, HTTP 503")
-    batch_invariant: bool = Field(True, description=(
-        "decode a lone sequence beside a copy of itself, so that every answer is the same under any load "
-        "(onnxruntime's int4/int8 CPU kernels round one row differently from several); false: a lone "
-        "sequence takes the faster one-row kernel and may answer differently from the same request in a batch"))
 
 
 class SessionOptions(Strict):
@@ -311,8 +307,7 @@ class DatasetConfig(Strict):
 
 # What a sweep may vary: target keys as `section.key`, and whether a change needs a new conversion.
 SWEEP_KEYS = {**{f"builder_options.{k}": True for k in BuilderOptions.model_fields},
-              **{f"session_options.{k}": False for k in SessionOptions.model_fields},
-              "batching.batch_invariant": False}
+              **{f"session_options.{k}": False for k in SessionOptions.model_fields}}
 
 
 class SweepQuality(Strict):

@@ -181,7 +181,8 @@ class OptimumModel:
         return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        from hf2mlflow.runtime.ort_chat import generate_tokens, greedy
+        from hf2mlflow.runtime.ort_chat import generate_tokens
+        from hf2mlflow.runtime.sampling import greedy
 
         tokens = []
         for token in generate_tokens(self.model, ids, len(ids) + max_new_tokens, greedy):

@@ -42,7 +42,7 @@ def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_chi
                               (swept["first"], swept["second"]), strict=True):
         assert [p["label"] for p in result["points"]] == [
             "reference (cpu-fp32)", "base (cpu-int4)", "matmul_mixed_precision=last_matmul:int8",
-            "batch_invariant=false"]
+            "intra_op_num_threads=1"]
         for point in result["points"]:
             child = by_id[point["child_run_id"]]
             assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -55,8 +55,8 @@ def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_chi
 
 def test_a_runtime_option_shares_the_base_conversion_and_a_builder_option_gets_its_own(swept):
     runs = {p["label"]: p["runs"] for p in swept["first"]["points"]}
-    assert runs["batch_invariant=false"]["convert_onnx"] == runs["base (cpu-int4)"]["convert_onnx"]
-    assert runs["batch_invariant=false"]["log_pyfunc"] != runs["base (cpu-int4)"]["log_pyfunc"]
+    assert runs["intra_op_num_threads=1"]["convert_onnx"] == runs["base (cpu-int4)"]["convert_onnx"]
+    assert runs["intra_op_num_threads=1"]["log_pyfunc"] != runs["base (cpu-int4)"]["log_pyfunc"]
     assert runs["matmul_mixed_precision=last_matmul:int8"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
 
 

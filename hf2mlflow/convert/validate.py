@@ -185,7 +185,8 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
     copy encodes the prompt otherwise than the source tokenizer does."""
     from transformers import AutoTokenizer
 
-    from hf2mlflow.runtime.ort_chat import eos_token_ids, generate_tokens, greedy, load_ort_model
+    from hf2mlflow.runtime.ort_chat import eos_token_ids, generate_tokens, load_ort_model
+    from hf2mlflow.runtime.sampling import greedy
 
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

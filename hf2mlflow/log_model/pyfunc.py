@@ -32,7 +32,9 @@ PROMPT_EXAMPLE = {"prompt": "What is the capital of France?"}
 
 
 def requirements(execution_provider: str, artifact_format: str = GENAI_ROUTE.artifact_format) -> list[str]:
-    """What inference needs. onnxruntime-genai models: no torch, no transformers. Optimum exports: onnxruntime
+    """What inference needs. The builder's models: no torch, no transformers; on CPU, onnxruntime with the
+    Hugging Face tokenizer and Jinja for the chat template (runtime/slot_chat.py), on GPUs onnxruntime-genai.
+    Optimum exports: onnxruntime
     through optimum's ORTModelForCausalLM, which speaks torch tensors, and the Hugging Face tokenizer (pinned
     like log_transformers' requirements: no torch local label, the CPU wheel index for CPU targets)."""
     version = importlib.metadata.version
@@ -43,6 +45,9 @@ def requirements(execution_provider: str, artifact_format: str = GENAI_ROUTE.art
                 f"transformers=={version('transformers')}", f"tokenizers=={version('tokenizers')}",
                 f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}"]
         return ([TORCH_CPU_INDEX] if execution_provider == "cpu" else []) + pins
+    if execution_provider == "cpu":
+        return [f"mlflow=={version('mlflow')}", f"onnxruntime=={version('onnxruntime')}",
+                f"tokenizers=={version('tokenizers')}", f"jinja2=={version('jinja2')}", f"numpy=={version('numpy')}"]
     runtime = GENAI_PACKAGE[execution_provider]
     # onnxruntime-genai-directml has no 0.15 release; 0.14.1 is its newest.
     runtime_version = "0.14.1" if execution_provider == "dml" else genai_version()

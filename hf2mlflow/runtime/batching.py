@@ -1,13 +1,14 @@
-"""A scheduler that lets concurrent generations of one loaded model run as one batch.
+"""Continuous batching: concurrent generations of one loaded model decode together, and a sequence that arrives
+while others decode joins them at the next step.
 
 Callers (threads: the scoring server's, a DataFrame's rows, the `n` choices of a request) each ask for the
-tokens of one sequence; one worker thread takes the waiting sequences that may share a batch, hands them to
-the engine's `run_batch`, and routes every new token back to its caller as it comes. The batch is static:
-a sequence that arrives while a batch runs waits for the next one.
+tokens of one sequence. One worker thread owns the decoder (kv_slots.SlotDecoder): between decode steps it
+prefills each newly arrived prompt into a free cache row, then decodes one token for every running row at once,
+and routes each new token to its caller as it comes. A row is freed as soon as its sequence ends (EOS, its
+length, or its caller stopped reading), and the last row moves into the gap.
 
-Sequences share a batch only where that cannot change what they generate: the same group (greedy, or the
-same sampling settings without a seed) and room for every row within the context length. A seeded sampled
-sequence always runs alone, so its seed gives the same answer under any load.
+Every row chooses its own tokens (greedy, or sampled from its own seeded generator), and a prompt is always
+prefilled alone, so what a sequence generates does not depend on what else runs beside it.
 Pure Python: it ships with the logged pyfunc model.
 """
 
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Iterator, Protocol
 
 _DONE = object()
 
@@ -28,53 +29,59 @@ class QueueFull(RuntimeError):
     """More sequences wait than the queue holds; the caller should answer 503 and let the client retry."""
 
 
+class Decoder(Protocol):
+    def reserve(self, rows: int, positions: int, lengths: list[int]) -> None: ...
+    def prefill(self, row: int, prompt_ids: list[int]): ...
+    def decode(self, tokens: list[int], lengths: list[int]): ...
+    def move(self, source: int, target: int, length: int) -> None: ...
+    def release(self) -> None: ...
+
+
 @dataclass
 class Sequence:
-    """One sequence to generate: its prompt, how many new tokens it may take, whom it can batch with (None:
-    no one), and the engine's search options for it (the same within a group)."""
+    """One sequence to generate: its prompt, how many new tokens it may take, and how it chooses a token from a
+    row of logits. `length` counts the positions its cache row holds; `last` is its newest token."""
 
     prompt_ids: list[int]
     max_new_tokens: int
-    group: Hashable
-    options: dict = field(default_factory=dict)
+    choose: Callable
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     cancelled: bool = False
-
-    def emit(self, token: int) -> None:
-        self.out.put(token)
+    finished: bool = False
+    produced: int = 0
+    length: int = 0
+    last: int = -1
 
 
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch: int = 8
     max_queue: int = 32
-    # Wait this long after the first sequence arrives for others to join (the rows of a DataFrame arrive
-    # within microseconds of each other); short against one decode step.
-    gather_seconds: float = 0.02
 
 
 class BatchScheduler:
-    def __init__(self, run_batch: Callable[[list[Sequence]], None], limits: BatchLimits, context_length: int,
+    def __init__(self, decoder: Decoder, limits: BatchLimits, context_length: int, eos_ids: set[int],
                  name: str = "batching"):
-        self._run_batch = run_batch
+        self.decoder = decoder
         self.limits = limits
         self.context_length = context_length
+        self.eos_ids = set(eos_ids)
         self.name = name
         self._waiting: deque[Sequence] = deque()
         self._running = 0
         self._ready = threading.Condition()
-        # How many sequences each batch carried: {rows: batches}. Read by tests and benchmarks.
+        # Decode steps by how many rows they carried: {rows: steps}. Read by tests and benchmarks.
         self.batch_sizes: Counter = Counter()
         threading.Thread(target=self._work, name=name, daemon=True).start()
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, group: Hashable,
-                 options: dict | None = None) -> Iterator[int]:
-        """Queue one sequence (QueueFull, at once, when the queue is full) and return its new tokens as the
-        batch it runs in produces them. Closing the iterator early (a stop string was found) frees its row:
-        a batch ends when no row wants more tokens."""
-        sequence = Sequence(list(prompt_ids), max_new_tokens, group, dict(options or {}))
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, choose: Callable) -> Iterator[int]:
+        """Queue one sequence (QueueFull, at once, when the queue is full) and return its new tokens as they
+        come. Closing the iterator early (a stop string was found) frees its row at the next step."""
+        if len(prompt_ids) + max_new_tokens > self.context_length:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the context "
+                             f"length {self.context_length}")
+        sequence = Sequence(list(prompt_ids), max_new_tokens, choose)
         with self._ready:
-            # Room for a full batch and a full queue behind it, counted together while a batch forms.
             if self._running + len(self._waiting) >= self.limits.max_batch + self.limits.max_queue:
                 raise QueueFull(f"{self._running} sequences are generating and {len(self._waiting)} waiting "
                                 f"(max_batch {self.limits.max_batch}, max_queue {self.limits.max_queue})")
@@ -92,47 +99,75 @@ class BatchScheduler:
         finally:
             sequence.cancelled = True
 
-    def _fits(self, batch: list[Sequence], candidate: Sequence) -> bool:
-        rows = batch + [candidate]
-        return (max(len(s.prompt_ids) for s in rows) + max(s.max_new_tokens for s in rows)) <= self.context_length
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        sequence.out.put(token)
+        sequence.produced += 1
+        sequence.last = token
+        sequence.finished = token in self.eos_ids or sequence.produced >= sequence.max_new_tokens
 
-    def _take(self) -> list[Sequence]:
-        first = self._waiting.popleft()
-        batch = [first]
-        if first.group is not None:
-            for sequence in list(self._waiting):
-                if len(batch) >= self.limits.max_batch:
-                    break
-                if sequence.group == first.group and self._fits(batch, sequence):
-                    self._waiting.remove(sequence)
-                    batch.append(sequence)
-        return batch
+    def _start(self, sequence: Sequence, running: list[Sequence]) -> None:
+        row = len(running)
+        # Rows beyond those in use cost no memory until written (the cache is zero-filled lazily).
+        self.decoder.reserve(self.limits.max_batch, len(sequence.prompt_ids) + sequence.max_new_tokens,
+                             [s.length for s in running])
+        logits = self.decoder.prefill(row, sequence.prompt_ids)
+        sequence.length = len(sequence.prompt_ids)
+        self._emit(sequence, sequence.choose(logits))
+        running.append(sequence)
+
+    def _step(self, running: list[Sequence]) -> None:
+        logits = self.decoder.decode([s.last for s in running], [s.length for s in running])
+        self.batch_sizes[len(running)] += 1
+        for row, sequence in enumerate(running):
+            sequence.length += 1
+            if not sequence.cancelled:
+                self._emit(sequence, sequence.choose(logits[row]))
+
+    def _retire(self, running: list[Sequence]) -> None:
+        """Free the rows of ended sequences; the last row moves into each gap."""
+        for row in reversed(range(len(running))):
+            sequence = running[row]
+            if sequence.finished or sequence.cancelled:
+                last = running.pop()
+                if row < len(running):
+                    self.decoder.move(len(running), row, last.length)
+                    running[row] = last
+                sequence.out.put(_DONE)
 
     def _work(self) -> None:
+        running: list[Sequence] = []
+        together, since = 0, time.perf_counter()  # how many decoded together, since when (for the log)
         while True:
             with self._ready:
-                while not self._waiting:
+                while not self._waiting and not running:
                     self._ready.wait()
-            if self.limits.max_batch > 1:
-                time.sleep(self.limits.gather_seconds)
-            with self._ready:
-                batch = self._take()
-                self._running = len(batch)
-            self.batch_sizes[len(batch)] += 1
-            start = time.perf_counter()
+                joining = []
+                while self._waiting and len(running) + len(joining) < self.limits.max_batch:
+                    joining.append(self._waiting.popleft())
+                self._running = len(running) + len(joining)
             try:
-                self._run_batch(batch)
+                for sequence in joining:
+                    if sequence.cancelled:
+                        sequence.out.put(_DONE)
+                    else:
+                        self._start(sequence, running)
+                self._retire(running)
+                if running:
+                    self._step(running)
+                    self._retire(running)
             except BaseException as exc:  # the callers raise it; the scheduler goes on
-                for sequence in batch:
+                for sequence in running + joining:
                     sequence.out.put(exc)
-            finally:
+                running = []
+            if len(running) != together:
+                if together > 1:
+                    print(f"[{self.name}] {together} sequences in one batch, {time.perf_counter() - since:.2f} s",
+                          file=sys.stderr, flush=True)
+                together, since = len(running), time.perf_counter()
+            if not running:
+                self.decoder.release()
                 with self._ready:
                     self._running = 0
-                for sequence in batch:
-                    sequence.out.put(_DONE)
-            if len(batch) > 1:
-                print(f"[{self.name}] {len(batch)} sequences in one batch, {time.perf_counter() - start:.2f} s",
-                      file=sys.stderr, flush=True)
 
 
 def concurrently(function: Callable, items: list, max_workers: int) -> list:

@@ -2,9 +2,10 @@
 
 Loaded by MLflow with `context.artifacts` (the ONNX folder and its manifest) and
 `context.model_config` (model name, generation defaults, interface, batching limits, and the conversion's
-artifact_format, which picks the engine: onnxruntime-genai for the builder's models, onnxruntime through
-optimum for optimum's exports; both answer alike). Concurrent calls, a DataFrame's rows and a request's
-choices generate together in batches where the engine batches (onnxruntime-genai).
+artifact_format and execution provider, which pick the engine: for the builder's models, onnxruntime with
+continuous batching on CPU and onnxruntime-genai on GPUs; onnxruntime through optimum for optimum's exports;
+all answer alike). Concurrent calls, a DataFrame's rows and a request's choices generate together where the
+engine batches (the CPU engine of the builder's models).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def _busy(exc: QueueFull) -> MlflowException:
 
 def _engine(artifact_format: str, model_dir: Path, config: dict, limits: BatchLimits):
     # Imported here: each engine's runtime is installed only where a model of its format is logged.
+    if artifact_format == "onnxruntime-genai" and config.get("execution_provider", "cpu") == "cpu":
+        from hf2mlflow.runtime.slot_chat import SlotChatEngine
+
+        return SlotChatEngine(model_dir, config["model_name"], limits, config.get("session_options") or {})
     if artifact_format == "onnxruntime-genai":
         from hf2mlflow.runtime.genai_chat import GenAIChatEngine
 
-        return GenAIChatEngine(model_dir, config["model_name"], limits,
-                               bool(config.get("batching", {}).get("batch_invariant", True)),
-                               config.get("session_options") or {})
+        return GenAIChatEngine(model_dir, config["model_name"], config.get("session_options") or {})
     if artifact_format == "optimum-onnx":
         from hf2mlflow.runtime.ort_chat import OrtChatEngine
 
@@ -71,7 +74,7 @@ class OnnxChatModel(PythonModel):
         self.limits = BatchLimits(max_batch=int(batching.get("max_batch", BatchLimits.max_batch)),
                                   max_queue=int(batching.get("max_queue", BatchLimits.max_queue)))
         self.engine = _engine(config.get("artifact_format", "onnxruntime-genai"), model_dir, config, self.limits)
-        if config.get("artifact_format", "onnxruntime-genai") == "onnxruntime-genai":
+        if hasattr(self.engine, "scheduler"):
             print(f"[batching] up to {self.limits.max_batch} sequences generate together, {self.limits.max_queue} "
                   f"more wait, beyond that requests get 503", file=sys.stderr, flush=True)
 

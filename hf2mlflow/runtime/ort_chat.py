@@ -16,6 +16,7 @@ import numpy as np
 
 from hf2mlflow.runtime.chat_engine import ChatEngine
 from hf2mlflow.runtime.chat_schema import ChatRequest
+from hf2mlflow.runtime.sampling import chooser
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -84,32 +85,6 @@ def generate_tokens(model, prompt_ids: list[int], max_length: int, choose: Calla
         past, input_ids, length = out.past_key_values, torch.tensor([[token]], dtype=torch.long), length + 1
 
 
-def greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
-
-
-def sampler(request: ChatRequest, seed: Optional[int]) -> Callable[[np.ndarray], int]:
-    """Temperature, then top-k, then top-p (nucleus) sampling, from its own random generator: a seed repeats
-    its answer, and concurrent requests do not share random state."""
-    rng = np.random.default_rng(seed)
-
-    def choose(logits: np.ndarray) -> int:
-        scores = logits.astype(np.float64) / request.temperature
-        if request.top_k:
-            k = min(request.top_k, scores.size)
-            scores[scores < np.partition(scores, -k)[-k]] = -np.inf
-        probs = np.exp(scores - scores.max())
-        probs /= probs.sum()
-        if request.top_p < 1.0:
-            order = np.argsort(-probs)
-            before = np.cumsum(probs[order]) - probs[order]  # mass of the more likely tokens
-            probs[order[before >= request.top_p]] = 0.0  # keep the smallest set that reaches top_p
-            probs /= probs.sum()
-        return int(rng.choice(probs.size, p=probs))
-
-    return choose
-
-
 class OrtChatEngine(ChatEngine):
     def __init__(self, model_dir: Path, model_name: str, execution_provider: str = "cpu"):
         from tokenizers.decoders import DecodeStream
@@ -132,8 +107,7 @@ class OrtChatEngine(ChatEngine):
 
     def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: Optional[int], max_length: int
                 ) -> Iterator[int]:
-        choose = sampler(request, seed) if request.do_sample else greedy
-        return generate_tokens(self.model, prompt_ids, max_length, choose)
+        return generate_tokens(self.model, prompt_ids, max_length, chooser(request, seed))
 
     def _text_decoder(self) -> Callable[[int], str]:
         # Special tokens are left out of the text, as onnxruntime-genai's stream decoder does.

@@ -1,89 +1,138 @@
-"""The batch scheduler's own rules, with a fake engine that records every batch it is given (no model)."""
+"""The continuous batch scheduler's own rules, with a fake decoder that checks every row it is given (no model).
+
+The fake's "model" answers token t with t + 1, and a sequence whose prompt starts with i starts at 1000 * i, so a
+sequence's tokens say which row they came from: a row mixed up by a join, a move or a free shows at once."""
 
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, QueueFull, concurrently
 
+VOCAB = 10_000
 
-class FakeEngine:
-    """Emits 100 + step for every row until the row's max_new_tokens, while `gate` is open."""
 
-    def __init__(self):
-        self.batches: list[list[int]] = []  # the prompts' first ids, per batch
+def one_hot(token: int) -> np.ndarray:
+    logits = np.zeros(VOCAB, dtype=np.float32)
+    logits[token] = 1.0
+    return logits
+
+
+class FakeDecoder:
+    def __init__(self, step_seconds: float = 0.0):
+        self.rows: dict[int, list] = {}  # row -> [first prompt id, positions held]
         self.gate = threading.Event()
         self.gate.set()
+        self.step_seconds = step_seconds
+        self.steps: list[list[int]] = []  # per decode step, the first prompt id of each row
 
-    def run_batch(self, batch):
-        self.batches.append([s.prompt_ids[0] for s in batch])
+    def reserve(self, rows, positions, lengths):
+        assert [self.rows[r][1] for r in range(len(lengths))] == lengths
+
+    def prefill(self, row, prompt_ids):
+        self.rows[row] = [prompt_ids[0], len(prompt_ids)]
+        return one_hot(1000 * prompt_ids[0])
+
+    def decode(self, tokens, lengths):
         self.gate.wait(10)
-        for step in range(max(s.max_new_tokens for s in batch)):
-            if all(s.cancelled for s in batch):
-                return
-            for s in batch:
-                if step < s.max_new_tokens and not s.cancelled:
-                    s.emit(100 + step)
+        time.sleep(self.step_seconds)
+        self.steps.append([self.rows[r][0] for r in range(len(tokens))])
+        out = []
+        for row, (token, length) in enumerate(zip(tokens, lengths)):
+            first, held = self.rows[row]
+            assert held == length and token // 1000 == first, (row, token, length, self.rows)
+            self.rows[row][1] += 1
+            out.append(one_hot(token + 1))
+        return np.stack(out)
+
+    def move(self, source, target, length):
+        assert self.rows[source][1] == length
+        self.rows[target] = list(self.rows.pop(source))
+
+    def release(self):
+        self.rows = {}
 
 
-def scheduler(engine, **limits):
-    return BatchScheduler(engine.run_batch, BatchLimits(**{"gather_seconds": 0.05, **limits}), context_length=64)
+def argmax(logits) -> int:
+    return int(np.argmax(logits))
 
 
-def test_concurrent_sequences_of_one_group_share_a_batch_and_keep_their_lengths():
-    engine = FakeEngine()
-    s = scheduler(engine)
-    tokens = concurrently(lambda i: list(s.generate([i], 2 + i, ("greedy",))), list(range(4)), 4)
-    assert tokens == [[100 + k for k in range(2 + i)] for i in range(4)]
-    assert sorted(engine.batches[0]) == [0, 1, 2, 3] and s.batch_sizes == {4: 1}
+def scheduler(decoder, eos_ids=(), **limits):
+    return BatchScheduler(decoder, BatchLimits(**limits), context_length=512, eos_ids=set(eos_ids))
 
 
-def test_groups_never_mix_and_a_seeded_sequence_runs_alone():
-    engine = FakeEngine()
-    s = scheduler(engine)
-    groups = [("greedy",), ("sample", 0.7, 1.0, 0), ("greedy",), None, None, ("sample", 0.7, 1.0, 0)]
-    concurrently(lambda i: list(s.generate([i], 3, groups[i])), list(range(6)), 6)
-    batches = sorted(sorted(b) for b in engine.batches)
-    assert batches == [[0, 2], [1, 5], [3], [4]]
+def expected(first: int, count: int) -> list[int]:
+    return [1000 * first + k for k in range(count)]
 
 
-def test_max_batch_and_context_length_bound_a_batch():
-    engine = FakeEngine()
-    s = scheduler(engine, max_batch=2)
-    concurrently(lambda i: list(s.generate([i], 3, ("greedy",))), list(range(5)), 5)
-    assert sorted(len(b) for b in engine.batches) == [1, 2, 2]
-    engine = FakeEngine()
-    s = scheduler(engine)
-    # 40 prompt tokens + 30 new ones do not fit a context of 64 beside a row that may take 30 more.
-    concurrently(lambda args: list(s.generate(*args)), [([1] * 40, 10, ("greedy",)), ([2] * 5, 30, ("greedy",))], 2)
-    assert sorted(engine.batches) == [[1], [2]]
+def test_concurrent_sequences_decode_together_and_keep_their_own_tokens_and_lengths():
+    decoder = FakeDecoder(step_seconds=0.002)
+    s = scheduler(decoder)
+    tokens = concurrently(lambda i: list(s.generate([i, 0, 0], 3 + 4 * i, argmax)), list(range(1, 7)), 6)
+    assert tokens == [expected(i, 3 + 4 * i) for i in range(1, 7)]
+    assert max(s.batch_sizes) >= 4
 
 
-def test_a_full_queue_refuses_at_once_and_frees_as_batches_end():
-    engine = FakeEngine()
-    engine.gate.clear()
-    s = scheduler(engine, max_batch=2, max_queue=1)
-    first = [s.generate([i], 1, ("greedy",)) for i in range(3)]  # 2 generating + 1 waiting
+def test_a_late_sequence_joins_a_running_one_within_a_few_steps():
+    decoder = FakeDecoder(step_seconds=0.005)
+    s = scheduler(decoder)
+    long = s.generate([1], 200, argmax)
+    first = [next(long) for _ in range(5)]
+    late = list(s.generate([2], 5, argmax))  # ends long before the first sequence does
+    rest = list(long)
+    assert first + rest == expected(1, 200) and late == expected(2, 5)
+    joined = next(i for i, rows in enumerate(decoder.steps) if rows == [1, 2])
+    assert joined < 10 and decoder.steps[-1] == [1]  # it joined at once and left; the first went on alone
+
+
+def test_max_batch_bounds_the_rows_and_waiting_sequences_take_freed_rows():
+    decoder = FakeDecoder(step_seconds=0.002)
+    s = scheduler(decoder, max_batch=2)
+    tokens = concurrently(lambda i: list(s.generate([i], 2 + 3 * i, argmax)), list(range(1, 6)), 5)
+    assert tokens == [expected(i, 2 + 3 * i) for i in range(1, 6)]
+    assert max(len(rows) for rows in decoder.steps) == 2 and set(s.batch_sizes) <= {1, 2}
+
+
+def test_an_eos_token_ends_its_sequence_at_once():
+    s = scheduler(FakeDecoder(), eos_ids={3003})
+    assert list(s.generate([3], 50, argmax)) == [3000, 3001, 3002, 3003]
+
+
+def test_a_full_queue_refuses_at_once_and_frees_as_sequences_end():
+    decoder = FakeDecoder()
+    decoder.gate.clear()
+    s = scheduler(decoder, max_batch=2, max_queue=1)
+    first = [s.generate([i], 2, argmax) for i in range(1, 4)]  # 2 generating + 1 waiting
+    time.sleep(0.2)
     with pytest.raises(QueueFull, match=r"max_batch 2, max_queue 1"):
-        s.generate([9], 1, ("greedy",))
-    engine.gate.set()
-    assert [list(t) for t in first] == [[100], [100], [100]]
-    assert list(s.generate([9], 1, ("greedy",))) == [100]
+        s.generate([9], 1, argmax)
+    decoder.gate.set()
+    assert [list(t) for t in first] == [expected(i, 2) for i in range(1, 4)]
+    assert list(s.generate([9], 1, argmax)) == [9000]
 
 
-def test_closing_every_sequence_ends_the_batch_and_errors_reach_the_callers():
-    engine = FakeEngine()
-    s = scheduler(engine)
-    tokens = s.generate([1], 50, ("greedy",))
-    assert next(tokens) == 100
+def test_closing_a_sequence_frees_its_row_and_errors_reach_the_callers():
+    decoder = FakeDecoder(step_seconds=0.002)
+    s = scheduler(decoder)
+    tokens = s.generate([1], 500, argmax)
+    assert next(tokens) == 1000
     tokens.close()
-    assert list(s.generate([2], 2, ("greedy",))) == [100, 101]  # the scheduler went on
+    assert list(s.generate([2], 2, argmax)) == expected(2, 2)  # the scheduler went on
+    assert decoder.steps[-1] == [2]
 
-    def broken(batch):
-        raise RuntimeError("the runtime broke")
+    class Broken(FakeDecoder):
+        def decode(self, tokens, lengths):
+            raise RuntimeError("the runtime broke")
 
-    s = BatchScheduler(broken, BatchLimits(), context_length=64)
+    s = scheduler(Broken())
     with pytest.raises(RuntimeError, match="the runtime broke"):
-        list(s.generate([1], 2, ("greedy",)))
+        list(s.generate([1], 2, argmax))
     with pytest.raises(RuntimeError, match="the runtime broke"):
-        list(s.generate([1], 2, ("greedy",)))
+        list(s.generate([1], 2, argmax))
+
+
+def test_a_sequence_longer_than_the_context_is_refused_before_it_queues():
+    with pytest.raises(ValueError, match="exceed the context length 512"):
+        scheduler(FakeDecoder()).generate([1] * 500, 20, argmax)

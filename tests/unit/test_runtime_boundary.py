@@ -19,9 +19,10 @@ RUNTIME = "hf2mlflow.runtime"
 
 # What a logged model's environment provides besides the standard library, by import name, with the
 # distribution that brings it. These are hf2mlflow.log_model.pyfunc.requirements() (checked below):
-#   onnxruntime-genai models: mlflow, onnxruntime-genai (-cuda, -directml: same import name), numpy;
-#   optimum exports add onnxruntime (-gpu: same import name), optimum (+ optimum-onnx), transformers,
-#   tokenizers and torch;
+#   the builder's models on CPU: mlflow, onnxruntime, tokenizers, jinja2, numpy; on GPUs: mlflow,
+#   onnxruntime-genai (-cuda, -directml: same import name), numpy;
+#   optimum exports: mlflow, onnxruntime (-gpu: same import name), optimum (+ optimum-onnx), transformers,
+#   tokenizers, torch and numpy;
 # and pandas, which the runtime may import because mlflow itself depends on it.
 MODEL_ENV_IMPORTS = {
     "mlflow": "mlflow",
@@ -31,6 +32,7 @@ MODEL_ENV_IMPORTS = {
     "optimum": "optimum",
     "transformers": "transformers",
     "tokenizers": "tokenizers",
+    "jinja2": "jinja2",
     "torch": "torch",
     "pandas": "mlflow",  # a dependency of mlflow, not a requirement of its own
 }
@@ -118,23 +120,29 @@ def test_the_allowed_imports_are_the_logged_models_requirements():
     def names(reqs: list[str]) -> set[str]:
         return {canonical(re.split(r"[=<>!~\[; ]", r, maxsplit=1)[0]) for r in reqs if not r.startswith("-")}
 
-    genai, optimum = names(requirements("cpu")), names(requirements("cpu", OPTIMUM_ROUTE.artifact_format))
-    # Other execution providers swap the runtime package for one imported under the same name.
+    genai_cpu, genai = names(requirements("cpu")), names(requirements("cuda"))
+    optimum = names(requirements("cpu", OPTIMUM_ROUTE.artifact_format))
+    assert genai_cpu == {"mlflow", "onnxruntime", "tokenizers", "jinja2", "numpy"}
+    # GPU execution providers swap the runtime package for one imported under the same name.
     for provider, package in GENAI_PACKAGE.items():
-        assert names(requirements(provider)) == genai - {GENAI_PACKAGE["cpu"]} | {canonical(package)}
+        if provider != "cpu":
+            assert names(requirements(provider)) == genai - {GENAI_PACKAGE["cuda"]} | {canonical(package)}
     for provider, package in ORT_PACKAGE.items():
         assert (names(requirements(provider, OPTIMUM_ROUTE.artifact_format))
                 == optimum - {ORT_PACKAGE["cpu"]} | {canonical(package)})
+    # GPU models' runtime packages, which import as onnxruntime_genai (onnxruntime-genai here)
+    gpu_runtimes = {canonical(package) for package in GENAI_PACKAGE.values()}
     mlflow_deps = names(importlib.metadata.requires("mlflow") or [])
     for import_name, distribution in MODEL_ENV_IMPORTS.items():
-        assert canonical(distribution) in genai | optimum, (
+        assert canonical(distribution) in genai_cpu | genai | optimum | gpu_runtimes, (
             f"{import_name} ({distribution}) is allowed in the runtime but no logged model requires it")
         if distribution == "mlflow" and import_name != "mlflow":
             assert canonical(import_name) in mlflow_deps, f"mlflow no longer brings {import_name}"
     # and each requirement is what one of the allowed names imports (optimum-onnx installs `optimum`)
     installed = importlib.metadata.packages_distributions()
     provided = {canonical(d) for name in MODEL_ENV_IMPORTS for d in installed.get(name, [])}
-    assert not (genai | optimum) - provided, "requirements that MODEL_ENV_IMPORTS does not name"
+    unnamed = (genai_cpu | genai | optimum) - provided - gpu_runtimes
+    assert not unnamed, f"requirements that MODEL_ENV_IMPORTS does not name: {unnamed}"
 
 
 def step_of(name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The optimum engine's sampler (hf2mlflow/runtime/ort_chat.py `sampler`): temperature, then top-k, then top-p,
+"""The optimum engine's sampler (hf2mlflow/runtime/sampling.py `sampler`): temperature, then top-k, then top-p,
 from a random generator of its own. Frequencies are counted over seeded draws, so every run draws the same."""
 
 import math
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf2mlflow.runtime.chat_schema import ChatRequest
-from hf2mlflow.runtime.ort_chat import greedy, sampler
+from hf2mlflow.runtime.sampling import greedy, sampler
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 LOGITS = np.log(np.array(PROBS, dtype=np.float32))  # at temperature 1 the sampler draws from PROBS

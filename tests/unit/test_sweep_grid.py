@@ -36,10 +36,10 @@ def test_the_grid_is_every_combination_then_the_extra_points_without_repeats_or_
 
 
 def test_runtime_options_share_the_base_conversion_and_builder_options_do_not():
-    config = sweep(points=[{"session_options.intra_op_num_threads": 1}, {"batching.batch_invariant": False},
+    config = sweep(points=[{"session_options.intra_op_num_threads": 1}, {"session_options.allow_spinning": False},
                            {"builder_options.block_size": 128}])
-    _, base, threads, pairing, block = points(config, BASE_TARGET, REFERENCE_TARGET, "test.yaml")
-    assert threads.conversion == pairing.conversion == base.conversion != block.conversion
+    _, base, threads, spinning, block = points(config, BASE_TARGET, REFERENCE_TARGET, "test.yaml")
+    assert threads.conversion == spinning.conversion == base.conversion != block.conversion
     assert threads.target != base.target and threads.target["session_options"]["intra_op_num_threads"] == 1
 
 
