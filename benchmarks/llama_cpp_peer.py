@@ -54,7 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf2mlflow.measure import peak_rss_bytes  # noqa: E402
+from hf2mlflow.measure import decode_rate, peak_rss_bytes  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -359,11 +359,13 @@ def measure(runtime: dict, threads: int, max_tokens: int, length_prompts: list[l
     for messages in length_prompts:
         ids = runner.encode(messages)
         prompt_tokens.append(len(ids))
-        ttft.append(runner.generate(ids, 1, stop_at_end=False)[0])
-    first, total, tokens = runner.generate(chat_ids, max_tokens, stop_at_end=False)
-    decode = (len(tokens) - 1) / (total - first) if len(tokens) > 1 and total > first else float("nan")
+        ttft.append(runner.generate(ids, 1, stop_at_end=False)[1])
+    # hf2mlflow/measure.py's definitions: the first token is a one-token request, decode the tokens after it
+    chat_ttft = runner.generate(chat_ids, 1, stop_at_end=False)[1]
+    _, total, tokens = runner.generate(chat_ids, max_tokens, stop_at_end=False)
     return {"load_s": load_s, "ttft_s": ttft, "prompt_tokens": prompt_tokens, "chat_prompt_tokens": len(chat_ids),
-            "decode_tps": decode, "new_tokens": len(tokens), "chat_ttft_s": first,
+            "decode_tps": decode_rate(total, chat_ttft, len(tokens)), "new_tokens": len(tokens),
+            "chat_ttft_s": chat_ttft,
             "peak_rss_bytes": peak_rss_bytes(), "cpu_s": own_cpu_seconds(), "pid": os.getpid()}
 
 

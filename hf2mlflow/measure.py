@@ -1,12 +1,29 @@
-"""One model's answers and speed, measured in a fresh process so that its load time and peak RSS are its own."""
+"""The one timing harness: every speed the project reports (evaluate, the sweep, benchmarks/suite.py,
+benchmarks/served_speed.py, benchmarks/llama_cpp_peer.py) is measured with these definitions.
+
+- Time to first token: the seconds a request for one new token takes, end to end (prompt processing, the first
+  token, and whatever wraps the runtime), greedy.
+- Decode rate: (new tokens - 1) / (answer seconds - time to first token), on the same prompt: the tokens after
+  the first, per second.
+- End-to-end rate: new tokens / answer seconds.
+
+A runner answers chat messages: `PyfuncRunner` through a logged model as users call it (the served path: what
+`mlflow models serve` runs per request), `BareGenAIRunner` with onnxruntime-genai alone on the same files (the
+bare runtime). `measure_fresh` runs one in a fresh process, so its load time and peak RSS are its own.
+"""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVED, BARE = "pyfunc", "genai"  # runner kinds
 
 
 def peak_rss_bytes() -> int:
@@ -23,63 +40,118 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _ttft_streaming(model, request) -> float:
-    """Seconds to the first chunk that carries text (or ends the answer): the first chunk, which only names
-    the assistant role, comes before any token is generated."""
-    start = time.perf_counter()
-    chunks = model.predict_stream(request)
-    for chunk in chunks:
-        choice = chunk["choices"][0]
-        if choice["delta"].get("content") or choice.get("finish_reason"):
-            break
-    elapsed = time.perf_counter() - start
-    chunks.close()  # stops the generation
-    return elapsed
+def decode_rate(answer_s: float, ttft_s: float, new_tokens: int) -> float:
+    """Tokens after the first per second; NaN where there were none or the answer took no longer than its first
+    token."""
+    return (new_tokens - 1) / (answer_s - ttft_s) if new_tokens > 1 and answer_s > ttft_s else float("nan")
 
 
-def _ttft_one_token(model, request) -> float:
-    start = time.perf_counter()
-    model.predict({**request, "max_tokens": 1})
-    return time.perf_counter() - start
+@dataclass
+class Answer:
+    seconds: float
+    prompt_tokens: int
+    new_tokens: int
+    text: str
+    finish_reason: str
 
 
-def measure(model_dir: str, label: str, requests: list[dict]) -> dict:
-    """Load the model from a local folder, warm it up, then per request: the answer, end-to-end latency and
-    time to first token (first streamed chunk with text where the model streams, else a max_tokens=1 request)."""
-    import mlflow
+class PyfuncRunner:
+    """A logged model through mlflow.pyfunc, as users and `mlflow models serve` call it."""
+
+    def __init__(self, path: str):
+        import mlflow
+
+        self.model = mlflow.pyfunc.load_model(path)
+
+    def answer(self, request: dict, max_tokens: int) -> Answer:
+        start = time.perf_counter()
+        (response,) = self.model.predict({**request, "max_tokens": max_tokens})
+        seconds = time.perf_counter() - start
+        choice, usage = response["choices"][0], response["usage"]
+        return Answer(seconds, usage["prompt_tokens"], usage["completion_tokens"], choice["message"]["content"],
+                      choice["finish_reason"])
+
+    def stream_seconds(self, request: dict, max_tokens: int) -> float:
+        """Seconds to stream the whole answer through predict_stream; NaN where the flavor does not stream."""
+        start = time.perf_counter()
+        try:
+            for _ in self.model.predict_stream({**request, "max_tokens": max_tokens}):
+                pass
+        except Exception:  # MLflow raises where a flavor has no predict_stream (the transformers chat task)
+            return float("nan")
+        return time.perf_counter() - start
+
+
+class BareGenAIRunner:
+    """The same ONNX files with onnxruntime-genai alone: the loop its own examples show, greedy."""
+
+    def __init__(self, path: str, session_options: dict | None = None):
+        import onnxruntime_genai as og
+
+        from hf2mlflow.runtime.genai_chat import open_model
+
+        self.og = og
+        (config,) = Path(path).rglob("genai_config.json")
+        self.model = open_model(config.parent, session_options)
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def answer(self, request: dict, max_tokens: int) -> Answer:
+        start = time.perf_counter()
+        prompt = self.tokenizer.apply_chat_template(json.dumps(request["messages"]), add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        stream, text, count = self.tokenizer.create_stream(), [], 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            text.append(stream.decode(generator.get_next_tokens()[0]))
+            count += 1
+        return Answer(time.perf_counter() - start, len(ids), count, "".join(text),
+                      "length" if count >= max_tokens else "stop")
+
+    def stream_seconds(self, request: dict, max_tokens: int) -> float:
+        return float("nan")  # the loop above is already token by token
+
+
+def open_runner(kind: str, path: str):
+    if kind not in (SERVED, BARE):
+        raise ValueError(f"runner kind '{kind}' is unknown; allowed: {SERVED}, {BARE}")
+    return PyfuncRunner(path) if kind == SERVED else BareGenAIRunner(path)
+
+
+def measure(kind: str, path: str, requests: list[dict], label: str = "", stream: bool = False) -> dict:
+    """Load, warm up, then per request (its own max_tokens, else 64): the answer, its time to first token,
+    answer seconds and decode rate (and, with `stream`, the decode rate through predict_stream)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_dir)
-    load_seconds = time.perf_counter() - start
-
-    warm_up = {**requests[0], "max_tokens": 2}
-    model.predict(warm_up)
-    try:
-        _ttft_streaming(model, warm_up)
-        ttft, ttft_method = _ttft_streaming, "first streamed chunk with text"
-    except Exception:  # MLflow raises when a flavor has no predict_stream
-        ttft, ttft_method = _ttft_one_token, "max_tokens=1 request"
-
+    runner = open_runner(kind, path)
+    load_s = time.perf_counter() - start
+    runner.answer(requests[0], 2)
     rows = []
-    for request in tqdm(requests, desc=label, unit="prompt"):
-        start = time.perf_counter()
-        (answer,) = model.predict(request)
-        latency = time.perf_counter() - start
-        rows.append({"answer": answer["choices"][0]["message"]["content"],
-                     "finish_reason": answer["choices"][0]["finish_reason"],
-                     "prompt_tokens": answer["usage"]["prompt_tokens"],
-                     "completion_tokens": answer["usage"]["completion_tokens"],
-                     "latency_s": latency, "ttft_s": ttft(model, request)})
-    return {"load_seconds": load_seconds, "ttft_method": ttft_method, "rows": rows,
-            "peak_rss_bytes": peak_rss_bytes()}
+    for request in tqdm(requests, desc=label or kind, unit="prompt"):
+        max_tokens = int(request.get("max_tokens", 64))
+        ttft = runner.answer(request, 1).seconds
+        answer = runner.answer(request, max_tokens)
+        row = {"answer": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+               "completion_tokens": answer.new_tokens, "latency_s": answer.seconds, "ttft_s": ttft,
+               "decode_tps": decode_rate(answer.seconds, ttft, answer.new_tokens),
+               "e2e_tps": answer.new_tokens / answer.seconds}
+        if stream:
+            row["stream_decode_tps"] = decode_rate(runner.stream_seconds(request, max_tokens), ttft,
+                                                   answer.new_tokens)
+        rows.append(row)
+    return {"load_s": load_s, "rows": rows, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def measure_fresh(model_dir: str, label: str, requests: list[dict]) -> dict:
+def measure_fresh(kind: str, path: str, requests: list[dict], label: str = "", stream: bool = False) -> dict:
     """`measure` in a fresh (spawned) process: its load time and peak RSS are the model's own, and nothing it
     loads stays behind. Raises RuntimeError naming the model when it fails to answer."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(measure, str(model_dir), label, requests).result()
+            return pool.submit(measure, kind, str(path), requests, label, stream).result()
         except Exception as exc:
-            raise RuntimeError(f"model '{label}' failed while answering: {type(exc).__name__}: {exc}") from None
+            raise RuntimeError(f"model '{label or path}' failed while answering: {type(exc).__name__}: {exc}"
+                               ) from None

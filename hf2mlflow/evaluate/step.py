@@ -14,7 +14,7 @@ import pandas as pd
 
 from hf2mlflow.datasets import Example, load_dataset
 from hf2mlflow.logged_models import EvalModel, resolve_all
-from hf2mlflow.measure import measure_fresh
+from hf2mlflow.measure import SERVED, measure_fresh
 from hf2mlflow.quality import SUMMARY_KEYS
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime.manifest import folder_bytes
@@ -31,7 +31,7 @@ SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "co
 
 def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
     try:
-        return measure_fresh(str(model_dir), label, requests)
+        return measure_fresh(SERVED, str(model_dir), requests, label)
     except RuntimeError as exc:
         raise StepError(str(exc)) from None
 
@@ -101,17 +101,16 @@ def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, 
     per_prompt = pd.concat([pd.DataFrame({"model": model.name, "id": [e.id for e in examples],
                                           "question": [e.messages[-1]["content"] for e in examples],
                                           "reference": [e.reference for e in examples]}), rows, scores], axis=1)
-    decode_seconds = (rows["latency_s"] - rows["ttft_s"]).clip(lower=1e-9)
-    decoded = (rows["completion_tokens"] - 1).clip(lower=0)
     summary = {
         "model": model.name, "flavor": model.flavor, "precision": model.precision, "uri": model.uri,
         **{m: float(scores[m].mean()) for m in config.metrics},
         "ttft_ms_p50": 1000 * float(rows["ttft_s"].median()),
-        "decode_tokens_per_s": float(decoded.sum() / decode_seconds[decoded > 0].sum()) if decoded.sum() else 0.0,
+        # hf2mlflow/measure.py's definitions; the median over prompts that decoded at least one token after the first
+        "decode_tokens_per_s": float(rows["decode_tps"].median()) if rows["decode_tps"].notna().any() else 0.0,
         "latency_s_p50": float(np.percentile(rows["latency_s"], 50)),
         "latency_s_p95": float(np.percentile(rows["latency_s"], 95)),
-        "load_s": speed["load_seconds"], "peak_rss_mib": speed["peak_rss_bytes"] / 2**20,
-        "size_mib": folder_bytes(model_dir) / 2**20, "ttft_method": speed["ttft_method"], "flag": "",
+        "load_s": speed["load_s"], "peak_rss_mib": speed["peak_rss_bytes"] / 2**20,
+        "size_mib": folder_bytes(model_dir) / 2**20, "flag": "",
     }
     if parity:
         from hf2mlflow.parity import summarize

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from hf2mlflow.config import config_file, load_dataset_config, load_model, load_sweep, load_target
 from hf2mlflow.datasets import load_examples
 from hf2mlflow.errors import ConfigError, StepError, fault_message
-from hf2mlflow.measure import measure_fresh
+from hf2mlflow.measure import SERVED, measure_fresh
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import check_alias, print_run_summary, step_run
 from hf2mlflow.workflow.main import Chain, _model_digest, _sha256, dataset_digest
@@ -90,14 +90,14 @@ def _speed_rounds(built: dict, config, work: Path) -> dict[str, dict]:
     for round_number in range(1, config.speed.rounds + 1):
         print(f"[{STEP}] speed round {round_number}/{config.speed.rounds}: {len(built)} points, one fresh process each")
         for key, folder in folders.items():
-            result = measure_fresh(folder, key, [request])
+            result = measure_fresh(SERVED, folder, [request], key)
             (row,) = result["rows"]
             decoded = max(row["completion_tokens"] - 1, 0)
             if decoded < MIN_DECODED:
                 raise StepError(f"point {key} answered the speed prompt with {row['completion_tokens']} token(s): "
                                 f"too few to time decoding (at least {MIN_DECODED + 1}); set `speed.prompt` in the "
                                 f"sweep file to one the model answers at length")
-            samples[key]["decode"].append(decoded / max(row["latency_s"] - row["ttft_s"], 1e-9))
+            samples[key]["decode"].append(row["decode_tps"])
             samples[key]["ttft"].append(1000 * row["ttft_s"])
             samples[key]["rss"].append(result["peak_rss_bytes"] / 2**20)
     return {key: {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in s.items()}
