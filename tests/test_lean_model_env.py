@@ -80,7 +80,8 @@ def test_the_logged_model_chats_in_an_environment_of_only_its_requirements(logge
     with tracking_at(logged["tracking_uri"]):
         model_dir = Path(mlflow.artifacts.download_artifacts(logged["uri"], dst_path=str(tmp_path / "model")))
     requirements = (model_dir / "requirements.txt").read_text()
-    assert [r.split("==")[0] for r in requirements.split()] == ["mlflow", "onnxruntime", "tokenizers", "jinja2", "numpy"]
+    names = [r.split("==")[0] for r in requirements.split()]
+    assert names == ["mlflow", "onnxruntime", "tokenizers", "jinja2", "numpy"]
 
     venv = tmp_path / "venv"
     python = venv / "bin" / "python"
