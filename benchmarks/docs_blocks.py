@@ -4,7 +4,7 @@
     <!-- batching:begin --> ... <!-- batching:end -->          benchmarks/batching.py
     <!-- quantization:begin --> ... <!-- quantization:end -->  benchmarks/quantization_sweep.py
     <!-- sweep:begin --> ... <!-- sweep:end -->                benchmarks/sweep_report.py (a `sweep` run)
-    <!-- served_gap:begin --> ... <!-- served_gap:end -->      benchmarks/served_gap.py
+    <!-- served_speed:begin --> ... <!-- served_speed:end -->  benchmarks/served_speed.py
 
 Only the text between a block's markers changes; the prose around it is written by hand.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PERFORMANCE_DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-SECTIONS = ("benchmarks", "batching", "quantization", "sweep", "served_gap")
+SECTIONS = ("benchmarks", "batching", "quantization", "sweep", "served_speed")
 
 
 def update_docs(table: str, section: str = "benchmarks", path: Path = PERFORMANCE_DOC) -> None:

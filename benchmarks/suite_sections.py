@@ -33,6 +33,7 @@ def speed_rounds(models: dict, prompts: list, max_tokens: int, rounds: int) -> d
             "stream_decode_tps": summarize([median([s["stream_decode_tps"] for s in m["samples"]])
                                             for m in measured]),
             "ttft_ms": summarize([1000 * statistics.median([s["ttft_s"] for s in m["samples"]]) for m in measured]),
+            "latency_s": summarize([statistics.median([s["latency_s"] for s in m["samples"]]) for m in measured]),
             "load_s": summarize([m["load_s"] for m in measured]),
             "peak_rss_gib": summarize([m["peak_rss_bytes"] / 2**30 for m in measured]),
             "new_tokens": statistics.median([s["new_tokens"] for m in measured for s in m["samples"]]),

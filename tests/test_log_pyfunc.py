@@ -93,6 +93,28 @@ def test_batch_and_concurrent_requests_are_independent(model):
     assert max(model.unwrap_python_model().engine.scheduler.batch_sizes) >= 4  # they did generate together
 
 
+def test_a_late_request_starts_while_a_long_one_decodes_and_both_answer_as_alone(model):
+    """Continuous batching: a request that arrives while a long answer streams is answered before that answer
+    ends (it joined the running batch), and both answers are what each request gets alone."""
+    long = {"messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 1500}
+    late = {"messages": [{"role": "user", "content": "And briefly?"}], "max_tokens": 8}
+    long_alone = model.predict(long)[0]["choices"][0]["message"]
+    late_alone = model.predict(late)[0]["choices"][0]["message"]
+    assert model.predict(long)[0]["usage"]["completion_tokens"] > 300  # a long answer
+
+    scheduler = model.unwrap_python_model().engine.scheduler
+    together_before = sum(steps for rows, steps in scheduler.batch_sizes.items() if rows == 2)
+    chunks = model.predict_stream(long)
+    streamed = [next(chunks), next(chunks)]  # the long answer is decoding
+    late_answer = model.predict(late)[0]["choices"][0]["message"]
+    rest = list(chunks)
+    assert rest, "the late request was answered only after the long one ended"
+    assert late_answer == late_alone
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in streamed + rest)
+    assert text == long_alone["content"]
+    assert sum(steps for rows, steps in scheduler.batch_sizes.items() if rows == 2) > together_before
+
+
 @pytest.mark.parametrize("request_body, expected", [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
     ({"messages": HELLO, "max_tokens": -1}, "'max_tokens' must be between 1"),
