@@ -1,12 +1,11 @@
-"""Batching, measured: `mlflow models serve` of one int4 model logged three ways, side by side in one run.
+"""Batching, measured: `mlflow models serve` of one int4 model logged two ways, side by side in one run.
 
     python benchmarks/batching.py            # 4-layer Phi-3-mini-shaped model, int4 (about 15 minutes on 2 cores)
     python benchmarks/batching.py --quick    # tiny-phi3: a smoke run
 
-The three loggings of the same conversion differ only in the target's `batching` settings:
-- off: max_batch 1, one sequence at a time (a lone request decodes exactly as before the scheduler);
-- batched: the default (max_batch 8, batch-invariant: a lone sequence decodes beside a copy of itself);
-- batched, one-row lone: batch_invariant false (a lone sequence takes the faster one-row kernel).
+The two loggings of the same conversion differ only in the target's `batching` settings:
+- off: max_batch 1, one sequence at a time;
+- batched: the default (max_batch 8, continuous batching: a sequence joins the running ones at the next step).
 
 For each: 1, 4, 8 and 16 concurrent clients (greedy, --max_tokens new tokens, --per_client requests each),
 then 8 clients asking for 256 tokens at once (MLflow's scoring server answers 504 after 60 s); in process, a
@@ -34,7 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "off": {"max_batch": 1},
     "batched": {},
-    "batched, one-row lone": {"batch_invariant": False},
 }
 
 

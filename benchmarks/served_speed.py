@@ -82,11 +82,15 @@ def runtime_at(commit: str, work: Path) -> Path:
 
 
 def with_runtime(model: Path, runtime: Path, dst: Path) -> Path:
-    """A copy of a logged pyfunc folder whose runtime code (code/hf2mlflow/runtime, the model file) is `runtime`'s."""
+    """A copy of a logged pyfunc folder that runs `runtime`'s code, as the package `hf2mlflow_before` (a process
+    that has imported this checkout's hf2mlflow would not import another hf2mlflow.runtime)."""
     shutil.copytree(model, dst)
-    shutil.rmtree(dst / "code" / "hf2mlflow" / "runtime")
-    shutil.copytree(runtime / "hf2mlflow" / "runtime", dst / "code" / "hf2mlflow" / "runtime")
-    shutil.copy(runtime / "hf2mlflow" / "runtime" / "onnx_chat_pyfunc.py", dst / "onnx_chat_pyfunc.py")
+    package = dst / "code" / "hf2mlflow_before"
+    shutil.copytree(runtime / "hf2mlflow" / "runtime", package / "runtime")
+    (package / "__init__.py").write_text("")
+    for path in [*package.rglob("*.py"), dst / "onnx_chat_pyfunc.py"]:
+        source = path if path.is_relative_to(package) else runtime / "hf2mlflow" / "runtime" / path.name
+        path.write_text(source.read_text().replace("hf2mlflow.runtime", "hf2mlflow_before.runtime"))
     return dst
 
 
@@ -161,26 +165,38 @@ class Server:
                 "text": answer["choices"][0]["message"]["content"]}
 
 
+def _load_figures(answers: list[dict], alone: list[dict]) -> dict:
+    latencies = sorted(a["end"] - a["start"] for a in answers)
+    wall = max(a["end"] for a in answers) - min(a["start"] for a in answers)
+    return {"tokens_per_s": sum(a["tokens"] for a in answers) / wall,
+            "latency_p50_s": latencies[len(latencies) // 2],
+            "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "new_tokens": sum(a["tokens"] for a in answers),
+            "same_as_alone": sum(a["text"] == b["text"] for a, b in zip(answers, alone)), "clients": len(answers)}
+
+
 def staggered(path: str, log: Path, questions: list[str], max_tokens: int, stagger: float) -> dict:
-    """One client alone (each question in turn), then one client per question arriving `stagger` s apart."""
+    """One client alone (each question in turn); one client per question arriving `stagger` s apart; then all of
+    them at once (the most the server decodes together)."""
     with Server(path, log) as server:
         server.ask(questions[0], 2)  # warm-up
         alone = [server.ask(q, max_tokens) for q in questions]
 
-        def client(i):
-            time.sleep(i * stagger)
-            return server.ask(questions[i], max_tokens)
+        def clients(gap: float) -> list[dict]:
+            def client(i):
+                time.sleep(i * gap)
+                return server.ask(questions[i], max_tokens)
 
-        with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
-            load = list(pool.map(client, range(len(questions))))
-    latencies = sorted(a["end"] - a["start"] for a in load)
+            with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+                return list(pool.map(client, range(len(questions))))
+
+        load, burst = clients(stagger), clients(0.0)
     one_client = sum(a["tokens"] for a in alone) / sum(a["end"] - a["start"] for a in alone)
-    total = sum(a["tokens"] for a in load) / (max(a["end"] for a in load) - min(a["start"] for a in load))
-    return {"one_client_tokens_per_s": one_client, "tokens_per_s": total, "vs_one_client": total / one_client,
-            "latency_p50_s": latencies[len(latencies) // 2],
-            "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "new_tokens": sum(a["tokens"] for a in load),
-            "same_as_alone": sum(a["text"] == b["text"] for a, b in zip(load, alone)), "clients": len(load)}
+    figures = {"one_client_tokens_per_s": one_client, "staggered": _load_figures(load, alone),
+               "at_once": _load_figures(burst, alone)}
+    for key in ("staggered", "at_once"):
+        figures[key]["vs_one_client"] = figures[key]["tokens_per_s"] / one_client
+    return figures
 
 
 def lone_table(label: str, figures: dict) -> list[str]:
@@ -203,18 +219,21 @@ def report(r: dict) -> str:
     for label, figures in r["lone"].items():
         lines += lone_table(label, figures)
     if r["load"]:
-        lines += [f"**Staggered load behind `mlflow models serve`** ({r['load_model']}): "
-                  f"{r['load_clients']} clients arriving one every {r['stagger']} s, {r['load_tokens']} new tokens "
-                  f"each", "",
-                  "| runtime | p50 latency s | p95 latency s | tokens/s | one client tokens/s | vs one client | "
-                  "answers equal alone |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"**Load behind `mlflow models serve`** ({r['load_model']}): {r['load_clients']} clients arriving "
+                  f"one every {r['stagger']} s (staggered) or all at once, {r['load_tokens']} new tokens each; one "
+                  f"client: the same requests one after another", "",
+                  "| runtime | clients | p50 latency s | p95 latency s | tokens/s | vs one client | "
+                  "answers equal alone |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, f in r["load"].items():
-            lines.append(f"| {name} | {f['latency_p50_s']:.2f} | {f['latency_p95_s']:.2f} | {f['tokens_per_s']:.1f} | "
-                         f"{f['one_client_tokens_per_s']:.1f} | {f['vs_one_client']:.2f}x | "
-                         f"{f['same_as_alone']}/{f['clients']} |")
+            lines.append(f"| {name} | one | | | {f['one_client_tokens_per_s']:.1f} | 1.00x | |")
+            for key, label in (("staggered", "staggered"), ("at_once", "at once")):
+                g = f[key]
+                lines.append(f"| {name} | {label} | {g['latency_p50_s']:.2f} | {g['latency_p95_s']:.2f} | "
+                             f"{g['tokens_per_s']:.1f} | {g['vs_one_client']:.2f}x | "
+                             f"{g['same_as_alone']}/{g['clients']} |")
         if BEFORE in r["load"] and AFTER in r["load"]:
-            ratio = r["load"][AFTER]["latency_p95_s"] / r["load"][BEFORE]["latency_p95_s"]
-            lines += ["", f"p95 latency after / before: {ratio:.2f}x"]
+            ratio = r["load"][AFTER]["staggered"]["latency_p95_s"] / r["load"][BEFORE]["staggered"]["latency_p95_s"]
+            lines += ["", f"Staggered p95 latency, after / before: {ratio:.2f}x."]
     return "\n".join(lines) + "\n"
 
 

@@ -301,8 +301,33 @@ class DatasetConfig(Strict):
     metrics: list[Literal["exact_match", "rouge_l", "contains"]] = Field(
         default=["exact_match", "rouge_l"], min_length=1)
     max_new_tokens: int = Field(32, gt=0, le=4096, description="new tokens per answer and per parity check")
-    min_token_agreement: float = Field(0.9, ge=0.0, le=1.0, description=(
-        "share of prompts whose greedy tokens must equal the source model's; below it a model is flagged"))
+
+
+class GateThresholds(Strict):
+    """What a model of one precision must reach to be promoted; unset thresholds are not checked."""
+
+    max_mean_kld: Optional[float] = Field(None, ge=0.0, description=(
+        "teacher-forced mean KL divergence from the source model on the held-out text, at most this"))
+    min_top1_agreement: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
+        "teacher-forced share of positions whose most likely token is the source model's, at least this"))
+    min_parity_identical_rate: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
+        "share of the dataset's prompts whose greedy tokens equal the source model's in PyTorch, at least this"))
+    max_prompts_lost: Optional[int] = Field(None, ge=0, description=(
+        "prompts the model may answer worse than the reference model (the transformers flavor evaluated beside "
+        "it) on the dataset's `contains` metric (else its first metric)"))
+
+
+class GateConfig(Strict):
+    """evaluate's promotion gate (configs/gates/NAME.yaml): the checks a model must pass before evaluate sets its
+    alias; a model that fails keeps a tag on its registered version that says why."""
+
+    name: str
+    description: str = ""
+    alias: str = Field("champion", description="the alias a passing model's registered version gets")
+    min_tokenizer_agreement: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "share of prompts the model tokenizes as its source model does, at least this"))
+    precisions: dict[Literal["fp32", "fp16", "bf16", "int8", "int4"], GateThresholds] = Field(
+        default_factory=dict, description="thresholds by the model's precision")
 
 
 # What a sweep may vary: target keys as `section.key`, and whether a change needs a new conversion.
@@ -369,6 +394,11 @@ class SweepConfig(Strict):
         if not self.grid and not self.points:
             raise ValueError("a sweep needs a `grid` or `points`")
         return self
+
+
+def load_gate(name_or_path: str) -> GateConfig:
+    """A shipped gate name (configs/gates/NAME.yaml) or a path to a gate YAML file."""
+    return _load_yaml(GateConfig, _named_file("gates", name_or_path))
 
 
 def load_sweep(name_or_path: str) -> SweepConfig:

@@ -81,6 +81,9 @@ class EvaluateArgs:
     parity: bool = field(default=True, metadata={
         "help": "compare with the source Hugging Face model in PyTorch: greedy tokens, fp32/fp16 logits, and "
                 "teacher-forced KL divergence, top-1 agreement and perplexity on the held-out text"})
+    gate: str = field(default="default", metadata={
+        "help": "promotion gate: configs/gates name or gate .yaml file; a model that passes gets its alias "
+                "(champion), one that fails a `gate` tag saying why; empty: no gate"})
 
 
 @dataclass
@@ -97,6 +100,9 @@ class BatchInferArgs:
     spark_master: str = field(default="", metadata={
         "help": "Spark master for a session this step starts (e.g. local[2]); empty: the running session "
                 "(Databricks) or Spark's default (local[*])"})
+    max_error_share: float = field(default=0.0, metadata={
+        "help": "the share of rows that may fail (0 to 1); more failed rows fail the run, after the answers "
+                "are written and the failed rows logged. 0: any failed row fails it"})
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """batch_infer on a real local Spark (local[2], several partitions) with both flavors of the tiny model: every
-input row comes out once, keyed by id, with its usage; bad rows and per-row model errors do not stop the job."""
+input row comes out once, keyed by id, with its usage; bad rows and per-row model errors land in their own row, and
+more failed rows than `max_error_share` allows (default none) fail the run after the answers are written."""
 
 import json
 import os
@@ -92,7 +93,8 @@ def test_pyfunc_jsonl_to_parquet_keeps_every_row(spark, logged, tmp_path):
     output = tmp_path / "answers.parquet"
     with local_store(logged["root"]):
         summary = batch_infer_main(["--model", logged["uri"], "--input", str(prompts), "--output", str(output),
-                                    "--partitions", str(PARTITIONS), "--max_tokens", str(DEFAULT_MAX_TOKENS)])
+                                    "--partitions", str(PARTITIONS), "--max_tokens", str(DEFAULT_MAX_TOKENS),
+                                    "--max_error_share", "0.25"])
         run = _run_metrics(summary["run_id"])
         errors_json = json.loads(open(mlflow.artifacts.download_artifacts(
             run_id=summary["run_id"], artifact_path="errors.json", dst_path=str(tmp_path))).read())
@@ -127,7 +129,10 @@ def test_pyfunc_jsonl_to_parquet_keeps_every_row(spark, logged, tmp_path):
           f"{metrics['rows_per_s']:.2f} rows/s, {metrics['completion_tokens_per_s']:.1f} completion tokens/s")
 
 
-def test_transformers_by_run_id_parquet_to_table(spark, logged, logged_transformers, tmp_path):
+def test_transformers_by_run_id_parquet_to_table_and_a_failed_row_fails_the_run(spark, logged, logged_transformers,
+                                                                                 tmp_path, capsys):
+    """By default (max_error_share 0) one failed row of 8 fails the run: FAILED, a non-zero exit, and a message
+    naming how many rows failed and why; the answers are still written, and the failed rows logged."""
     # Typed columns as a table would have them: integer ids, max_tokens as a nullable double column.
     rows = [{"id": i, "messages": _prompt(i), "max_tokens": float(2 + i % 3) if i % 2 else None,
              "n": 2 if i == 5 else None} for i in range(8)]
@@ -135,11 +140,18 @@ def test_transformers_by_run_id_parquet_to_table(spark, logged, logged_transform
     spark.createDataFrame(pd.DataFrame(rows)).repartition(2).write.parquet(str(source))
     with local_store(logged["root"]):
         run_id = mlflow.models.get_model_info(logged_transformers).run_id  # the log_transformers run
-        summary = batch_infer_main(["--model", run_id, "--input", str(source),
-                                    "--output", "answers_transformers", "--partitions", "3",
-                                    "--max_tokens", "4"])
-        run = _run_metrics(summary["run_id"])
-    assert run.data.tags["flavor"] == "transformers"
+        with pytest.raises(SystemExit) as exit_info:
+            batch_infer_main(["--model", run_id, "--input", str(source), "--output", "answers_transformers",
+                              "--partitions", "3", "--max_tokens", "4"])
+        (run,) = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
+                  if r.data.tags.get("step") == "batch_infer" and r.data.tags.get("flavor") == "transformers"]
+        errors_json = json.loads(open(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="errors.json", dst_path=str(tmp_path))).read())
+    assert exit_info.value.code != 0 and run.info.status == "FAILED"
+    message = capsys.readouterr().err
+    assert "1 of 8 rows failed (12.5%; max_error_share 0)" in message and "(id 5): model error:" in message
+    assert "1 of 8 rows failed" in run.data.tags["error"]
+    assert run.data.metrics["error_share"] == 0.125 and [e["id"] for e in errors_json["first_errors"]] == ["5"]
 
     frame = spark.table("answers_transformers").toPandas().sort_values("id", key=lambda s: s.astype(int))
     assert frame["id"].tolist() == [str(i) for i in range(8)]
@@ -163,6 +175,8 @@ def test_bad_arguments_fail_before_spark_work(logged, tmp_path, capsys):
          "missing.jsonl': no such file or folder"),
         (["--model", logged["uri"], "--input", str(prompts), "--output", str(taken)],
          "taken.parquet' exists; give a new path"),
+        (["--model", logged["uri"], "--input", str(prompts), "--output", "o.parquet", "--max_error_share", "2"],
+         "max_error_share 2.0 is not allowed; allowed: a share from 0 to 1"),
         (["--model", logged["convert_run_id"], "--input", str(prompts), "--output", str(tmp_path / "o.parquet")],
          f"model: run ID '{logged['convert_run_id']}' (convert_onnx run) holds no logged model"),
     ]

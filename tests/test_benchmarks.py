@@ -198,12 +198,12 @@ def test_batching_quick(tmp_path):
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     variants = json.loads((tmp_path / "batching.json").read_text())["variants"]
-    assert list(variants) == ["off", "batched", "batched, one-row lone"]
+    assert list(variants) == ["off", "batched"]
     assert variants["off"]["largest_batch"] == 1 and variants["batched"]["largest_batch"] > 1
     for v in variants.values():
         assert all(s["errors"] == 0 for s in v["served"].values()) and v["long"]["errors"] == 0
         assert v["batch_infer_rows_per_s"] > 0
-    # Batch-invariant: a DataFrame's answers are those of its rows one by one.
+    # A DataFrame's answers are those of its rows one by one.
     assert variants["batched"]["dataframe"]["same_answers"] == variants["batched"]["dataframe"]["rows"]
     assert "| batched | 8 |" in (tmp_path / "batching.md").read_text()
 
@@ -298,14 +298,19 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
 
 
 @pytest.mark.slow
-def test_served_gap_quick(tmp_path):
-    """The logged pyfunc, batch-invariant and not, beside the bare loop on the same files, in one table."""
-    proc = run_quick("served_gap.py", tmp_path)
-    results = json.loads((tmp_path / "served_gap.json").read_text())
-    assert list(results["speed"]) == ["bare onnxruntime-genai loop", "pyfunc, batch-invariant (default)",
-                                      "pyfunc, one-row lone"]
-    assert all(figures["decode_tps"]["median"] > 0 for figures in results["speed"].values())
-    table = (tmp_path / "served_gap.md").read_text()
+def test_served_speed_quick(tmp_path):
+    """The logged pyfunc beside the bare loop and the transformers flavor on the same model, and staggered clients
+    behind `mlflow models serve` whose greedy answers are those of the same requests alone, in one table."""
+    proc = run_quick("served_speed.py", tmp_path)
+    results = json.loads((tmp_path / "served_speed.json").read_text())
+    (lone,) = results["lone"].values()
+    assert list(lone) == ["bare onnxruntime-genai loop", "pyfunc, after (continuous batching)",
+                          "transformers flavor, float32"]
+    assert all(figures["decode_tps"]["median"] > 0 for figures in lone.values())
+    for load in results["load"]["pyfunc, after (continuous batching)"].values():
+        if isinstance(load, dict):
+            assert load["same_as_alone"] == load["clients"] == 3 and load["new_tokens"] > 0
+    table = (tmp_path / "served_speed.md").read_text()
     assert "| bare onnxruntime-genai loop |" in table and "| 1.00x |" in table and table in proc.stdout
 
 

@@ -51,13 +51,32 @@ def test_fp32_onnx_and_transformers_agree_with_pytorch(evaluation):
     assert metrics["tiny-phi3-cpu-int4-onnx.mean_kld"] > 10 * max(metrics["tiny-phi3-cpu-fp32-onnx.mean_kld"], 1e-9)
 
 
+def test_models_that_pass_the_gate_are_promoted(evaluation):
+    """The default gate: each model's checks in a table, a metric and a tag per model, and the alias `champion` on
+    the registered version of every model that passed (all three here: the tiny model's int4 keeps to its bound)."""
+    run_id, metrics, tags = evaluation.info.run_id, evaluation.data.metrics, evaluation.data.tags
+    checks = mlflow.load_table("gate_checks.json", run_ids=[run_id])
+    assert set(checks["model"]) == set(NAMES) and set(checks["result"]) == {"passed"}
+    int4 = checks[checks["model"] == NAMES[0]].set_index("check")
+    assert int4.loc["max_mean_kld", "threshold"] == 0.3 and int4.loc["max_prompts_lost", "value"] <= 3
+    assert int4.loc["min_tokenizer_agreement", "value"] == 1.0
+    client = mlflow.MlflowClient()
+    promoted = tags["promoted"].split(", ")
+    assert len(promoted) == 3
+    for name in NAMES:
+        assert metrics[f"{name}.gate_passed"] == 1.0 and tags[f"gate.{name}"] == "passed"
+        version = client.get_model_version_by_alias(name, "champion")
+        assert f"models:/{name}@champion" in promoted
+        assert version.tags["gate"] == "passed default" and version.tags["gate_run_id"] == run_id
+
+
 def test_tables_chart_and_flags(evaluation):
     run_id = evaluation.info.run_id
     comparison = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run_id,
                                                                      artifact_path="comparison.json")).read())
     assert [row["model"] for row in comparison] == NAMES
-    for row in comparison:  # flagged exactly when fewer prompts than the dataset's threshold (90%) are identical
-        assert bool(row["flag"]) == (row["parity_identical_rate"] < 0.9)
+    for row in comparison:  # the flag says why a model failed the gate; these all passed
+        assert row["gate"] == "passed" and row["flag"] == ""
     table = mlflow.load_table("comparison_table.json", run_ids=[run_id])
     assert list(table["model"]) == NAMES
     prompts = mlflow.load_table("per_prompt_outputs.json", run_ids=[run_id])

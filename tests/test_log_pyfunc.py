@@ -161,3 +161,21 @@ def test_bad_alias_fails_before_any_run(logged, alias, expected):
     with pytest.raises(ConfigError, match=f"alias: .*{expected}"):
         log_pyfunc(LogPyfuncArgs(convert_run_id=logged["convert_run_id"], alias=alias))
     assert len(all_runs(logged["tracking_uri"])) == before
+
+
+def test_the_gpu_engine_answers_as_the_cpu_engine(model, logged, tmp_path):
+    """GPU targets serve through onnxruntime-genai (genai_chat.GenAIChatEngine), one sequence at a time; on the same
+    files it answers as the CPU engine does, with the same prompt ids (onnxruntime-genai's tokenizer and chat
+    template agree with tokenizer.json and Jinja on this model)."""
+    from hf2mlflow.runtime.chat_schema import parse_request
+    from hf2mlflow.runtime.genai_chat import GenAIChatEngine
+
+    with local_store(logged["root"]):
+        folder = mlflow.artifacts.download_artifacts(f"runs:/{logged['convert_run_id']}/onnx", dst_path=str(tmp_path))
+    gpu_engine = GenAIChatEngine(Path(folder), "tiny-phi3")
+    cpu_engine = model.unwrap_python_model().engine
+    defaults = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    for question in ("Hello there", "What is the capital of France?"):
+        request = parse_request({"messages": [{"role": "user", "content": question}]}, defaults, None)
+        assert gpu_engine.encode_chat(request.messages) == cpu_engine.encode_chat(request.messages)
+        assert gpu_engine.chat(request)["choices"] == cpu_engine.chat(request)["choices"]

@@ -114,7 +114,7 @@ def test_sliding_window_matches_pytorch_beyond_the_window(tracking, tmp_path):
     assert np.max(np.abs(unwindowed.next_logits(ids) - expected)) > 1e-2
 
 
-def test_evaluate_flags_a_model_whose_tokenizer_disagrees_with_its_source(converted, shared_store):
+def test_evaluate_keeps_a_model_whose_tokenizer_disagrees_with_its_source_from_promotion(converted, shared_store):
     convert_run_id = converted("tiny-phi3", "cpu-int4")
     with local_store(shared_store["root"]):
         _flag_a_swapped_tokenizer(convert_run_id)
@@ -137,8 +137,16 @@ def _flag_a_swapped_tokenizer(convert_run_id):
     manifest_file.write_text(json.dumps(build_manifest(tokenizer_file.parent)))
     run = mlflow.get_run(evaluate(EvaluateArgs(models=uri, limit=3)))
     (summary,) = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/comparison.json")
-    assert summary["tokenizer_agreement_rate"] < 1.0
-    assert "tokenizer disagrees with the source model's" in summary["flag"]
+    assert summary["tokenizer_agreement_rate"] < 1.0 and summary["gate"] == "failed"
+    assert "min_tokenizer_agreement: tokenizer_agreement_rate" in summary["flag"]
+    # The gate keeps it from promotion, and its registered version says why.
+    name = "tiny-phi3-swapped-tokenizer"
+    assert run.data.tags["promoted"] == "none" and run.data.metrics[f"{name}.gate_passed"] == 0.0
+    assert run.data.tags[f"gate.{name}"].startswith("failed: min_tokenizer_agreement")
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert "champion" not in version.aliases and version.aliases == ["candidate"]
+    assert version.tags["gate"].startswith("failed default: min_tokenizer_agreement: tokenizer_agreement_rate")
 
 
 def test_a_conversion_below_its_quality_floor_fails_with_the_figures(tracking, tmp_path, capsys):

@@ -54,6 +54,8 @@ def check_args(args: BatchInferArgs) -> tuple[str, str]:
     """Everything that can be checked before Spark starts; returns the input and output kinds."""
     if args.max_tokens < 0 or args.partitions < 0:
         raise ConfigError("max_tokens and partitions must be 0 (the default) or positive")
+    if not 0.0 <= args.max_error_share <= 1.0:
+        raise ConfigError(f"max_error_share {args.max_error_share} is not allowed; allowed: a share from 0 to 1")
     input_kind, output_kind = _kind(args.input, "input"), _kind(args.output, "output")
     if output_kind == "jsonl":
         raise ConfigError(f"output '{args.output}' is not allowed; allowed: a .parquet folder or a Spark table name")
@@ -229,6 +231,14 @@ def batch_infer(args: BatchInferArgs) -> dict:
         mlflow.set_tag("output_location", _location(args.output, output_kind))
         mlflow.log_dict({"rows": rows, "errors": summary["errors"], "first_errors": summary["error_rows"]},
                         "errors.json")
+        share = summary["errors"] / rows
+        mlflow.log_metric("error_share", share)
+        if share > args.max_error_share:
+            first = summary["error_rows"][0]
+            raise StepError(f"{summary['errors']} of {rows} rows failed ({share:.1%}; max_error_share "
+                            f"{args.max_error_share:g}); the first, row {first['row']} (id {first['id']}): "
+                            f"{first['error']}. The answers are in {_location(args.output, output_kind)}, the "
+                            f"failed rows in {run.info.artifact_uri}/errors.json")
     # A leading newline: Spark's console progress bar ends its line with a carriage return only.
     print(f"\n[{STEP}] {rows} rows: {summary['ok']} answered, {summary['errors']} errors, {seconds:.1f} s, "
           f"{rows / seconds:.2f} rows/s, {summary['completion_tokens'] / seconds:.1f} completion tokens/s")

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from hf2mlflow.config import load_gate
 from hf2mlflow.datasets import Example, load_dataset
 from hf2mlflow.logged_models import EvalModel, resolve_all
 from hf2mlflow.measure import SERVED, measure_fresh
@@ -19,14 +20,14 @@ from hf2mlflow.quality import SUMMARY_KEYS
 from hf2mlflow.errors import ConfigError, StepError
 from hf2mlflow.runtime.manifest import folder_bytes
 from hf2mlflow.evaluate.scoring import genai_scorers
-from hf2mlflow.tracking import print_run_summary, step_run
+from hf2mlflow.tracking import check_alias, print_run_summary, step_run
 from hf2mlflow.step_args import EvaluateArgs
 
 STEP = "evaluate"
 SUMMARY_COLUMNS = ["model", "flavor", "precision", "exact_match", "rouge_l", "contains", "parity_identical_rate",
                    "mean_kld", "top1_agreement", "perplexity",
                    "ttft_ms_p50", "decode_tokens_per_s", "latency_s_p50", "latency_s_p95", "load_s",
-                   "peak_rss_mib", "size_mib", "flag"]
+                   "peak_rss_mib", "size_mib", "gate", "flag"]
 
 
 def _measure(model_dir: Path, label: str, requests: list[dict]) -> dict:
@@ -121,17 +122,6 @@ def _evaluate_model(model: EvalModel, examples, config, max_new_tokens, parity, 
         summary.update({**{k: quality[k] for k in SUMMARY_KEYS}, "kld_positions": quality["positions"]})
         per_prompt["first_divergence"] = [r.first_divergence for r in results]
         per_prompt["tokenizer_agrees"] = [r.tokenizer_agrees for r in results]
-        flags = []
-        if summary["tokenizer_agreement_rate"] < 1.0:
-            disagree = sum(not r.tokenizer_agrees for r in results)
-            flags.append(f"tokenizer disagrees with the source model's on {disagree} of {len(results)} prompts: "
-                         f"its answers are to other text than was asked")
-        if summary["parity_identical_rate"] < config.min_token_agreement:
-            flags.append(f"diverges: {summary['parity_identical_rate']:.0%} of prompts identical "
-                         f"< {config.min_token_agreement:.0%}")
-        summary["flag"] = "; ".join(flags)
-        for flag in flags:
-            print(f"[{STEP}] WARNING {model.name}: {flag}")
     return summary, per_prompt
 
 
@@ -173,6 +163,38 @@ def _print_answers(prompts: pd.DataFrame, shown: int = 5) -> None:
             print(f"    {row['model']}: {answer[:120]}{'...' if len(answer) > 120 else ''}")
 
 
+def _gate(gate, models, summaries, config, examples: int, run_id: str) -> list:
+    """Judge every model by the gate, promote those that pass, and log the verdicts: a `gate_passed` metric and a
+    `gate` tag per model, the `promoted` tag, and the table of checks."""
+    from hf2mlflow.evaluate.gate import apply, judge, reference_summary
+
+    reference = reference_summary(models, summaries)
+    metric = "contains" if "contains" in config.metrics else config.metrics[0]
+    verdicts = []
+    for model, summary in zip(models, summaries):
+        verdict = judge(model, summary, gate, reference, metric, examples)
+        apply(verdict, model, gate, run_id)
+        summary["gate"] = "passed" if verdict.passed else "failed"
+        summary["flag"] = "; ".join(verdict.reasons)
+        mlflow.log_metric(f"{model.name}.gate_passed", float(verdict.passed))
+        mlflow.set_tag(f"gate.{model.name}", summary["gate"] + (f": {summary['flag']}" if verdict.reasons else ""))
+        verdicts.append(verdict)
+    mlflow.set_tag("promoted", ", ".join(v.promoted for v in verdicts if v.promoted) or "none")
+    mlflow.log_table(pd.DataFrame([c for v in verdicts for c in v.checks]), "gate_checks.json")
+    return verdicts
+
+
+def _print_gate(verdicts: list) -> None:
+    for verdict in verdicts:
+        for check in verdict.checks:
+            value = "" if check["value"] is None else f"{check['value']:.4g}"
+            print(f"[{STEP}] gate {verdict.model}: {check['check']} {value} (threshold {check['threshold']:g}): "
+                  f"{check['result']}")
+        outcome = (f"promoted: {verdict.promoted}" if verdict.promoted else "passed (no registered version to alias)")
+        print(f"[{STEP}] gate {verdict.model}: " + (outcome if verdict.passed else
+                                                      f"NOT promoted: {'; '.join(verdict.reasons)}"))
+
+
 def evaluate(args: EvaluateArgs) -> str:
     """Validate every input, then evaluate each model; returns the evaluation run ID."""
     if args.max_new_tokens < 0 or args.limit < 0:
@@ -180,6 +202,10 @@ def evaluate(args: EvaluateArgs) -> str:
     config, examples = load_dataset(args.dataset)
     examples = examples[:args.limit] if args.limit else examples
     models = resolve_all(args.models)
+    gate = None
+    if args.gate:
+        gate = load_gate(args.gate)
+        check_alias(gate.alias)
     max_new_tokens = args.max_new_tokens or config.max_new_tokens
     # The local SQL store's connection pool cannot take mlflow.genai's default 10 threads exporting traces.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")
@@ -200,6 +226,7 @@ def evaluate(args: EvaluateArgs) -> str:
                 per_prompt.append(rows)
                 mlflow.log_metrics({f"{model.name}.{k}": v for k, v in summary.items()
                                     if isinstance(v, float) and np.isfinite(v)})
+        verdicts = _gate(gate, models, summaries, config, len(examples), run.info.run_id) if gate else []
         table = pd.DataFrame(summaries)
         prompts = pd.concat(per_prompt, ignore_index=True)
         with tempfile.TemporaryDirectory() as out:
@@ -212,6 +239,7 @@ def evaluate(args: EvaluateArgs) -> str:
         mlflow.log_table(prompts, "per_prompt_outputs.json")
     _print_answers(prompts)
     _print_table(table)
+    _print_gate(verdicts)
     print_run_summary(STEP, run, {"comparison": f"{run.info.artifact_uri}/comparison.csv",
                                   "chart": f"{run.info.artifact_uri}/speed_vs_quality.png"})
     return run.info.run_id

@@ -194,13 +194,17 @@ def run_chain(args: MainArgs) -> list[StepResult]:
         transformers = chain.step("log_transformers", {"model": args.model, "target": tf_target.name}, {},
                                   _sha256(model, tf_settings), not_in_key=("target",))
         models = f"{pyfunc.run_id},{transformers.run_id}"
-        chain.step("evaluate", {"models": models, "dataset": args.dataset, "limit": args.eval_limit},
-                   {"log_pyfunc": pyfunc.run_id, "log_transformers": transformers.run_id},
-                   dataset_digest(args.dataset, dataset))
+        evaluation = chain.step("evaluate", {"models": models, "dataset": args.dataset, "limit": args.eval_limit},
+                                {"log_pyfunc": pyfunc.run_id, "log_transformers": transformers.run_id},
+                                _sha256(dataset_digest(args.dataset, dataset).encode(),
+                                        config_file("gates", "default").read_bytes()))
         summary = [asdict(r) for r in chain.results]
         mlflow.log_dict({"code_version": chain.code, "steps": summary}, "chain.json")
         mlflow.log_text(_table(chain.results), "chain.txt")
     print(f"\n[{STEP}] chain\n{_table(chain.results)}")
+    promoted = mlflow.get_run(evaluation.run_id).data.tags.get("promoted", "none")
+    print(f"[{STEP}] promoted by evaluate's gate: {promoted}" + ("" if promoted != "none" else
+          f" (no model passed; the reasons are the `gate` tags of the evaluate run {evaluation.run_id})"))
     print_run_summary(STEP, run, {r.entry_point: r.registered_model_uri for r in chain.results
                                   if r.registered_model_uri})
     return chain.results

@@ -165,3 +165,13 @@ def test_session_options_are_checked_and_reach_genai_config_as_onnxruntime_spell
     with pytest.raises(ConfigError, match="key 'session_options.threads': unknown key; allowed keys: "
                                           "intra_op_num_threads, allow_spinning"):
         load_target(bad)
+
+
+@pytest.mark.parametrize("name", shipped("gates"))
+def test_every_shipped_gate_loads_with_a_valid_alias(name):
+    from hf2mlflow.config import load_gate
+    from hf2mlflow.tracking import check_alias
+
+    gate = load_gate(name)
+    assert gate.name == name and gate.precisions
+    check_alias(gate.alias)
