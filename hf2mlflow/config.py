@@ -23,7 +23,7 @@ Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 Exporter = Literal["genai-builder", "optimum"]
 EXPORTERS: tuple[str, ...] = get_args(Exporter)
 
-# Combinations the onnxruntime-genai model builder produces (design.md section 2).
+# Combinations the onnxruntime-genai model builder produces (its --execution_provider and --precision choices).
 VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
     "cpu": ("fp32", "int8", "int4"),
     "cuda": ("fp32", "fp16", "bf16", "int8", "int4"),

@@ -236,3 +236,74 @@ def test_what_each_change_reruns(in_process_chain):
         in_process_chain(target="cpu-fp32", eval_limit=2, fail={"evaluate"})
     rerun, _ = in_process_chain(target="cpu-fp32", eval_limit=2)
     assert [s for s, reused in rerun.items() if not reused] == ["evaluate"]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A local HTTP server answering the hub API call that resolves a revision (GET
+    /api/models/ORG/NAME/revision/REV): `refs` maps a revision to the commit it points to; moving a branch is
+    changing its entry. HF_ENDPOINT points at it and HF_HUB_OFFLINE is lifted for the test."""
+    import http.server
+    import threading
+
+    refs = {}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            prefix = "/api/models/test-org/tiny-chat/revision/"
+            revision = self.path.split("?")[0].removeprefix(prefix)
+            if not self.path.startswith(prefix) or revision not in refs:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RevisionNotFound")
+                self.end_headers()
+                return
+            body = json.dumps({"id": "test-org/tiny-chat", "sha": refs[revision], "siblings": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield refs
+    server.shutdown()
+
+
+def test_a_hub_revision_is_pinned_to_its_commit_and_a_moved_branch_converts_again(in_process_chain, fake_hub,
+                                                                                   tracking, tmp_path):
+    """main resolves a hub model's `revision: main` to the commit it points to and hands the steps that commit:
+    unchanged, everything is reused; once the branch moves upstream, the model is converted and logged again."""
+    model = tmp_path / "tiny-chat.yaml"
+    model.write_text("name: tiny-chat\nhub_id: test-org/tiny-chat\nrevision: main\n")
+    fake_hub["main"] = "a" * 40
+    first, runs = in_process_chain(model=str(model))
+    assert first == dict.fromkeys(STEPS, False)
+    client = mlflow.MlflowClient(tracking)
+    for step in ("convert_onnx", "log_transformers"):
+        assert client.get_run(runs[step]).data.params["revision"] == "a" * 40
+    assert in_process_chain(model=str(model)) == (dict.fromkeys(STEPS, True), runs)
+
+    fake_hub["main"] = "b" * 40  # the branch moved upstream
+    moved, moved_runs = in_process_chain(model=str(model))
+    assert moved == dict.fromkeys(STEPS, False)
+    assert client.get_run(moved_runs["convert_onnx"]).data.params["revision"] == "b" * 40
+
+
+def test_a_hub_revision_that_cannot_be_resolved_fails_before_any_step(in_process_chain, fake_hub, tmp_path,
+                                                                        monkeypatch):
+    from hf2mlflow.errors import StepError
+
+    model = tmp_path / "tiny-chat.yaml"
+    model.write_text("name: tiny-chat\nhub_id: test-org/tiny-chat\nrevision: no-such-branch\n")
+    with pytest.raises(StepError, match="model 'test-org/tiny-chat' has no revision 'no-such-branch'"):
+        in_process_chain(model=str(model))
+    # Offline, with nothing in the cache: the message says what to do.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StepError, match="pin a commit"):
+        in_process_chain(model=str(model))

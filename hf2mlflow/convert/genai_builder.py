@@ -3,7 +3,7 @@
 A subprocess keeps the builder's memory out of the step (it is the step's peak by
 far), shows its progress as it goes, and turns a kill (e.g. by the kernel's
 out-of-memory killer) into an error instead of a silent exit. The optimum exporter
-(hf2mlflow/optimum_export.py) runs through the same `run_tool`.
+(hf2mlflow/convert/optimum_export.py) runs through the same `run_tool`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class BuildResult:
 def builder_command(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool,
                     low_memory: bool = False) -> list[str]:
     options = target.builder_options.as_cli() + [f"hf_remote={'true' if trust_remote_code else 'false'}"]
-    # The low-memory path takes the builder's own arguments (hf2mlflow/lowmem_builder.py).
+    # The low-memory path takes the builder's own arguments (hf2mlflow/convert/lowmem_builder.py).
     module = "hf2mlflow.convert.lowmem_builder" if low_memory else "onnxruntime_genai.models.builder"
     return [sys.executable, "-u", "-m", module, "-i", str(source), "-o", str(output),
             "-p", target.precision, "-e", target.execution_provider, "-c", str(cache),

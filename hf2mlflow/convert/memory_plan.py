@@ -94,8 +94,9 @@ def estimate(size: CheckpointSize, precision: str) -> tuple[int, int]:
     standard = BASE_BYTES + STANDARD_FP32_FACTOR[precision] * fp32
     # The low-memory path holds the checkpoint as stored (the weights it has quantized are not all handed back
     # to the system) and the quantized model as it grows; onnxruntime's quantizer needs about four float32
-    # copies of the tensor in hand, the output layer's at the end. Measured: 4.0 GiB for 4 layers, 10.1 GiB
-    # for 32 (estimates 4.2 and 11.1). Float targets keep every stored weight and its cast copy.
+    # copies of the tensor in hand, the output layer's at the end. Measured: 4.1 GiB for 4 layers, 10.1 GiB
+    # for 32 (benchmarks/results/convert_memory_*.json; this formula estimates 4.1 and 10.9). Float targets keep
+    # every stored weight and its cast copy.
     in_flight = 4 * 4 * size.largest_parameters
     held = size.stored_bytes + (0.5 * output if precision in ("int4", "int8") else output)
     low = LOW_BASE_BYTES + held + in_flight

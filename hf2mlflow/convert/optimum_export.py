@@ -3,7 +3,7 @@ does not know (GPT-2, ...).
 
 It writes plain ONNX with a KV cache (model.onnx, config.json, generation_config.json and the tokenizer
 files with the chat template) and no genai_config.json: onnxruntime-genai cannot load it, onnxruntime
-through optimum's ORTModelForCausalLM can (hf2mlflow/ort_chat.py). Same subprocess reasons as the builder
+through optimum's ORTModelForCausalLM can (hf2mlflow/runtime/ort_chat.py). Same subprocess reasons as the builder
 (genai_builder.run_tool): its memory stays out of the step, its output streams, a kill becomes an error.
 """
 

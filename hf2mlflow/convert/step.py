@@ -20,7 +20,7 @@ from hf2mlflow.contract import CONVERT_STEP, ONNX_ARTIFACT_PATH, TARGET_ARTIFACT
 from hf2mlflow.convert.genai_builder import builder_version, check_architecture, run_builder
 from hf2mlflow.runtime.manifest import build_manifest
 from hf2mlflow.convert.memory_plan import GIB, check_options, checkpoint_size, plan
-from hf2mlflow.sources.resolve import resolve_model, source_params
+from hf2mlflow.sources.resolve import resolve_model, source_params, source_tags
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
 from hf2mlflow.convert.validate import check_genai_files, check_quality, validate_genai_model, \
@@ -57,6 +57,7 @@ def convert(args: ConvertArgs) -> str:
 def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_budget_gib: float) -> None:
     print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
     resolved = resolve_model(spec, cache_dir)
+    mlflow.set_tags(source_tags(resolved))
     check_architecture(resolved.architecture, spec.name)
     memory = plan(checkpoint_size(resolved.path), target.precision, builder_memory, memory_budget_gib)
     log_params_once(memory.params())
@@ -122,6 +123,7 @@ def _export_optimum_in_run(spec, target, cache_dir: str) -> None:
 
     print(f"[{STEP}] 1/4 resolving model '{spec.name}' ({spec.source})")
     resolved = resolve_model(spec, cache_dir)
+    mlflow.set_tags(source_tags(resolved))
     versions = optimum_versions()
     log_params_once({
         **source_params(resolved),

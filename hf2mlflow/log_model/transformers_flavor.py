@@ -14,7 +14,7 @@ import mlflow
 from hf2mlflow.config import Target, load_model, load_transformers_target
 from hf2mlflow.contract import LOG_TRANSFORMERS_STEP, TORCH_CPU_INDEX, TRANSFORMERS_TASK, transformers_registered_name
 from hf2mlflow.errors import ConfigError, StepError
-from hf2mlflow.sources.resolve import resolve_model, source_params
+from hf2mlflow.sources.resolve import resolve_model, source_params, source_tags
 from hf2mlflow.tracking import check_alias, log_params_once, print_model_summary, set_alias, step_run
 from hf2mlflow.step_args import LogTransformersArgs
 
@@ -91,6 +91,7 @@ def log_transformers(args: LogTransformersArgs) -> str:
         print(f"[{STEP}] 1/2 resolving model '{spec.name}' ({spec.source}) and building the pipeline")
         resolved = resolve_model(spec, args.cache_dir)
         log_params_once(source_params(resolved))
+        mlflow.set_tags(source_tags(resolved))
         pipeline = _load_pipeline(resolved, spec, target, device, args.cache_dir)
         print(f"[{STEP}] 2/2 logging the transformers model ({TASK}, save_pretrained={args.save_pretrained}) "
               f"and registering '{registered}'")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,6 +54,43 @@ def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]
             f"({type(exc).__name__}). Download it once with network access, point -P model at a local folder, "
             f"or run offline with a built-in model: -P model=tiny-phi3") from None
     return path, path.name  # snapshot folders are named by commit sha
+
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_commit(hub_id: str, revision: str, cache_dir: Optional[str] = None) -> str:
+    """The commit `revision` (a branch, tag or commit) of a hub model points to now. Asks the hub (HF_ENDPOINT);
+    where it cannot be reached (or HF_HUB_OFFLINE is set), the commit the local cache last downloaded for it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if COMMIT.match(revision):
+        return revision
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        try:
+            return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(hub_id, revision=revision).sha
+        except GatedRepoError:
+            raise ModelSourceError(f"model '{hub_id}' is gated: accept its licence on the hub and log in with "
+                                   f"`hf auth login` (or set HF_TOKEN)") from None
+        except RepositoryNotFoundError:
+            raise ModelSourceError(f"unknown model id '{hub_id}': no such repository on the Hugging Face hub "
+                                   f"(or it is private and no token is set)") from None
+        except RevisionNotFoundError:
+            raise ModelSourceError(f"model '{hub_id}' has no revision '{revision}'") from None
+        except OSError:  # connection errors (requests' are OSErrors): the cache may know
+            pass
+    ref = Path(cache_dir or HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / revision
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        print(f"[model] the hub is not reachable: {hub_id}@{revision} is taken as {commit}, the commit last "
+              f"downloaded to the local cache")
+        return commit
+    raise ModelSourceError(f"cannot resolve {hub_id}@{revision} to a commit: the Hugging Face hub is not reachable "
+                           f"and the local cache has no download of that revision. Connect once, pin a commit "
+                           f"(revision: <40-character sha> in the model config), or run with a built-in model: "
+                           f"-P model=tiny-phi3")
 
 
 def resolve_model(spec: ModelSpec, cache_dir: Optional[str] = None) -> ResolvedModel:
@@ -128,6 +167,11 @@ def source_params(resolved: ResolvedModel) -> dict:
         params.update({"gguf_sha256": resolved.gguf.sha256, "gguf_file_type": resolved.gguf.file_type,
                        "gguf_origin": resolved.gguf.origin})
     return params
+
+
+def source_tags(resolved: ResolvedModel) -> dict:
+    """The commit a hub model was downloaded at, as a run tag (beside the model_revision param)."""
+    return {"model_commit": resolved.revision} if resolved.revision else {}
 
 
 def spec_from_source_params(name: str, params: dict) -> ModelSpec:

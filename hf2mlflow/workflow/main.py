@@ -84,6 +84,18 @@ def _model_digest(name_or_path: str) -> bytes:
     return name_or_path.encode()  # a hub id: its revision is pinned in the params or the model config
 
 
+def _hub_commit(name_or_path: str) -> str:
+    """The commit a hub model's revision points to now; empty for models from anywhere else."""
+    from hf2mlflow.sources.resolve import hub_commit
+
+    spec = load_model(name_or_path)
+    if spec.source != "hub":
+        return ""
+    commit = hub_commit(spec.hub_id, spec.revision)
+    print(f"[{STEP}] {spec.hub_id}@{spec.revision} is commit {commit}")
+    return commit
+
+
 def dataset_digest(name_or_path: str, dataset) -> str:
     """What evaluate reads of a dataset: its YAML file and its JSONL file."""
     return _sha256(config_file("datasets", name_or_path).read_bytes(), dataset.path.read_bytes())
@@ -182,8 +194,11 @@ def run_chain(args: MainArgs) -> list[StepResult]:
         target_file = config_file("targets", args.target).read_bytes()
         model = _model_digest(args.model)
         print(f"[{STEP}] code version {chain.code}")
+        # A hub model's revision is resolved to its commit now: the steps download exactly that commit, and a
+        # branch that moved upstream is a new conversion, not a reused one.
+        source = {"revision": commit} if (commit := _hub_commit(args.model)) else {}
 
-        convert = chain.step("convert_onnx", {"model": args.model, "target": args.target}, {},
+        convert = chain.step("convert_onnx", {"model": args.model, "target": args.target, **source}, {},
                              _sha256(model, target_file))
         pyfunc = chain.step("log_pyfunc", {"convert_run_id": convert.run_id}, {"convert_onnx": convert.run_id},
                             _sha256(target_file))
@@ -191,7 +206,7 @@ def run_chain(args: MainArgs) -> list[StepResult]:
         # ONNX target with the same device, dtype and generation defaults reuses it.
         tf_settings = json.dumps({"transformers": tf_target.transformers.model_dump(),
                                   "generation": tf_target.generation.model_dump()}, sort_keys=True).encode()
-        transformers = chain.step("log_transformers", {"model": args.model, "target": tf_target.name}, {},
+        transformers = chain.step("log_transformers", {"model": args.model, "target": tf_target.name, **source}, {},
                                   _sha256(model, tf_settings), not_in_key=("target",))
         models = f"{pyfunc.run_id},{transformers.run_id}"
         evaluation = chain.step("evaluate", {"models": models, "dataset": args.dataset, "limit": args.eval_limit},
