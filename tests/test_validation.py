@@ -144,7 +144,8 @@ def _flag_a_swapped_tokenizer(convert_run_id):
     assert run.data.tags["promoted"] == "none" and run.data.metrics[f"{name}.gate_passed"] == 0.0
     assert run.data.tags[f"gate.{name}"].startswith("failed: min_tokenizer_agreement")
     client = mlflow.MlflowClient()
-    (version,) = client.search_model_versions(f"name = '{name}'")
+    (found,) = client.search_model_versions(f"name = '{name}'")
+    version = client.get_model_version(name, found.version)  # search results carry no aliases
     assert "champion" not in version.aliases and version.aliases == ["candidate"]
     assert version.tags["gate"].startswith("failed default: min_tokenizer_agreement: tokenizer_agreement_rate")
 
