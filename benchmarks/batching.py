@@ -88,28 +88,25 @@ def spark_rows_per_s(uri: str, prompts: list, max_tokens: int, work: Path, rows:
 
 
 def step_scaling(onnx_dir: Path, sizes=(1, 2, 4, 6, 8), steps: int = 32) -> dict:
-    """Decode tokens/s of a bare onnxruntime-genai Generator batch of each size (the ceiling batching can reach)."""
-    import numpy as np
-    import onnxruntime_genai as og
+    """Decode tokens/s of the served model's own decoder (hf2mlflow/runtime/kv_slots.py) at each batch size,
+    without the scheduler: the ceiling batching can reach."""
+    from hf2mlflow.runtime.chat_tokenizer import ChatTokenizer
+    from hf2mlflow.runtime.kv_slots import SlotDecoder
 
-    model = og.Model(str(onnx_dir))
-    tokenizer = og.Tokenizer(model)
-    ids = list(tokenizer.encode(tokenizer.apply_chat_template(json.dumps(
-        [{"role": "user", "content": QUESTIONS[0]}]), add_generation_prompt=True)))
+    ids = ChatTokenizer(onnx_dir).encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    decoder = SlotDecoder(onnx_dir)
     figures = {}
     for size in sizes:
-        params = og.GeneratorParams(model)
-        params.set_search_options(batch_size=size, max_length=len(ids) + steps + 1, min_length=len(ids) + steps + 1,
-                                  do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array([ids] * size, dtype=np.int32))
-        generator.generate_next_token()  # the prompt
+        decoder.release()
+        decoder.reserve(size, len(ids) + steps + 1, [])
+        for row in range(size):
+            decoder.prefill(row, ids)
         start = time.perf_counter()
-        for _ in range(steps):
-            generator.generate_next_token()
+        for step in range(steps):
+            decoder.decode([ids[-1]] * size, [len(ids) + step] * size)
         step = (time.perf_counter() - start) / steps
         figures[str(size)] = {"step_ms": 1000 * step, "tokens_per_s": size / step}
-        print(f"[batching] bare Generator, batch of {size}: {1000 * step:.1f} ms a step, "
+        print(f"[batching] decoder alone, batch of {size}: {1000 * step:.1f} ms a step, "
               f"{size / step:.1f} tokens/s", flush=True)
     return figures
 
@@ -142,7 +139,7 @@ def report(r: dict) -> str:
                      f"{frame['same_answers']}/{frame['rows']} | {v['batch_infer_rows_per_s']:.2f} |")
     steps = r.get("step_scaling", {})
     if steps:
-        lines += ["", "| bare onnxruntime-genai Generator, batch of | " + " | ".join(steps) + " |",
+        lines += ["", "| the served model's decoder alone (kv_slots), batch of | " + " | ".join(steps) + " |",
                   "| --- |" + " ---: |" * len(steps),
                   "| ms a decode step | " + " | ".join(f"{v['step_ms']:.1f}" for v in steps.values()) + " |",
                   "| tokens/s | " + " | ".join(f"{v['tokens_per_s']:.1f}" for v in steps.values()) + " |"]
