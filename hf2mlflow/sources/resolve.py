@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,23 +32,32 @@ class ResolvedModel:
     gguf: Optional[GGUFInfo] = None  # for GGUF sources: the file the folder was made from
 
 
+@contextlib.contextmanager
+def _hub_errors(hub_id: str, revision: str):
+    """The hub's answers that end a step, as messages that say what to do."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
+    except GatedRepoError:
+        raise ModelSourceError(f"model '{hub_id}' is gated: accept its licence on the hub and log in "
+                               f"with `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"unknown model id '{hub_id}': no such repository on the Hugging Face hub "
+                               f"(or it is private and no token is set)") from None
+    except RevisionNotFoundError:
+        raise ModelSourceError(f"model '{hub_id}' has no revision '{revision}'") from None
+
+
 def _hub_download(spec: ModelSpec, cache_dir: Optional[str]) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     print(f"[model] downloading {spec.hub_id}@{spec.revision} from the Hugging Face hub (cached after the first time)")
     try:
-        path = Path(snapshot_download(spec.hub_id, revision=spec.revision, cache_dir=cache_dir or None,
-                                      allow_patterns=HUB_FILES))
-    except GatedRepoError:
-        raise ModelSourceError(f"model '{spec.hub_id}' is gated: accept its licence on the hub and log in "
-                               f"with `hf auth login` (or set HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(f"unknown model id '{spec.hub_id}': no such repository on the Hugging Face hub "
-                               f"(or it is private and no token is set)") from None
-    except RevisionNotFoundError:
-        raise ModelSourceError(f"model '{spec.hub_id}' has no revision '{spec.revision}'") from None
+        with _hub_errors(spec.hub_id, spec.revision):
+            path = Path(snapshot_download(spec.hub_id, revision=spec.revision, cache_dir=cache_dir or None,
+                                          allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError as exc:
         raise ModelSourceError(
             f"cannot reach the Hugging Face hub for '{spec.hub_id}' and it is not in the local cache "
@@ -64,21 +74,13 @@ def hub_commit(hub_id: str, revision: str, cache_dir: Optional[str] = None) -> s
     where it cannot be reached (or HF_HUB_OFFLINE is set), the commit the local cache last downloaded for it."""
     from huggingface_hub import HfApi
     from huggingface_hub.constants import HF_HUB_CACHE
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if COMMIT.match(revision):
         return revision
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
         try:
-            return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(hub_id, revision=revision).sha
-        except GatedRepoError:
-            raise ModelSourceError(f"model '{hub_id}' is gated: accept its licence on the hub and log in with "
-                                   f"`hf auth login` (or set HF_TOKEN)") from None
-        except RepositoryNotFoundError:
-            raise ModelSourceError(f"unknown model id '{hub_id}': no such repository on the Hugging Face hub "
-                                   f"(or it is private and no token is set)") from None
-        except RevisionNotFoundError:
-            raise ModelSourceError(f"model '{hub_id}' has no revision '{revision}'") from None
+            with _hub_errors(hub_id, revision):
+                return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).model_info(hub_id, revision=revision).sha
         except OSError:  # connection errors (requests' are OSErrors): the cache may know
             pass
     ref = Path(cache_dir or HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}" / "refs" / revision
