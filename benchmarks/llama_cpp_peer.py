@@ -563,7 +563,9 @@ def ratios(speed: dict, reference: str = REFERENCE) -> list[dict]:
     for name, s in speed.items():
         if name == reference:
             continue
-        row = {"runtime": name, "decode": s["decode_tps"]["median"] / ref["decode_tps"]["median"]}
+        # A decode rate is unknown (no median) where every round's answer took no longer than its first token.
+        row = {"runtime": name, "decode": s["decode_tps"].get("median", float("nan"))
+               / ref["decode_tps"].get("median", float("nan"))}
         for n, t in s["ttft_ms"].items():
             row[f"ttft_{n}"] = t["median"] / ref["ttft_ms"][n]["median"]
         rows.append(row)
@@ -718,7 +720,8 @@ def flat_metrics(results: dict) -> dict:
 
     metrics = {}
     for name, s in results["speed"].items():
-        metrics[key(name, "decode_tps")] = s["decode_tps"]["median"]
+        if s["decode_tps"]:
+            metrics[key(name, "decode_tps")] = s["decode_tps"]["median"]
         metrics[key(name, "load_s")] = s["load_s"]["median"]
         metrics[key(name, "peak_rss_mib")] = s["peak_rss_mib"]["median"]
         for n, t in s["ttft_ms"].items():
