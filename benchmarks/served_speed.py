@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny-phi3, one round, no 'before': a smoke run")
     parser.add_argument("--output_dir", default=str(RESULTS), help="where served_speed.{md,json} go")
     parser.add_argument("--update-docs", action="store_true", help="rewrite its block in docs/performance.md")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write served_speed.md (and the docs block) again from served_speed.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.max_tokens, args.load_tokens, args.stagger = 1, 64, 64, 0.05
@@ -202,12 +204,14 @@ def staggered(path: str, log: Path, questions: list[str], max_tokens: int, stagg
 def lone_table(label: str, figures: dict) -> list[str]:
     bare = figures[BARE_LOOP]
     lines = [f"**{label}**", "", "| runtime | first token ms | decode tok/s | answer s | first token vs bare | "
-             "decode vs bare | answer vs bare |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "decode vs bare | answer vs bare | peak RSS MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, f in figures.items():
         lines.append(f"| {name} | {f['ttft_ms']['median']:.0f} | {f['decode_tps']['median']:.1f} | "
                      f"{f['latency_s']['median']:.2f} | {f['ttft_ms']['median'] / bare['ttft_ms']['median']:.2f}x | "
                      f"{f['decode_tps']['median'] / bare['decode_tps']['median']:.2f}x | "
-                     f"{f['latency_s']['median'] / bare['latency_s']['median']:.2f}x |")
+                     f"{f['latency_s']['median'] / bare['latency_s']['median']:.2f}x | "
+                     f"{f['peak_rss_gib']['median'] * 1024:.0f} |")
     return lines + [""]
 
 
@@ -245,6 +249,8 @@ def main(argv=None) -> dict:
     from hf2mlflow.sources.tiny import phi3_mini_shape_path
 
     args = parse_args(argv)
+    if args.render:
+        return write(json.loads((Path(args.output_dir) / "served_speed.json").read_text()), args)
     before = not args.quick
     results = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/served_speed.py"
                + (" --quick" if args.quick else ""), "rounds": args.rounds,
@@ -272,6 +278,10 @@ def main(argv=None) -> dict:
     for figures in results["lone"].values():
         for f in figures.values():
             f.pop("samples")
+    return write(results, args)
+
+
+def write(results: dict, args) -> dict:
     text = report(results)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
