@@ -1,7 +1,8 @@
 """What ships inside logged models, and only it: the pyfunc chat model, its engines, batching and schema.
 
 Its modules import only each other, the standard library and the logged model's own requirements
-(mlflow, numpy, onnxruntime-genai; onnxruntime/optimum/transformers for optimum exports), which
+(mlflow, numpy, and: onnxruntime, tokenizers and jinja2 for the builder's CPU models; onnxruntime-genai for its
+GPU models; onnxruntime, optimum, transformers and torch for optimum exports), which
 tests/unit/test_runtime_boundary.py checks.
 """
 

@@ -1,8 +1,8 @@
 """What every chat engine inside the pyfunc model shares: choices, stop strings, streaming, usage.
 
-An engine (genai_chat.GenAIChatEngine, ort_chat.OrtChatEngine) only says how to turn messages into prompt
-token ids, how to generate tokens one at a time, and how to decode them incrementally; this class turns that
-into the same responses and chunks, so callers cannot tell the engines apart except by speed.
+An engine (slot_chat.SlotChatEngine, genai_chat.GenAIChatEngine, ort_chat.OrtChatEngine) only says how to turn
+messages into prompt token ids, how to generate tokens one at a time, and how to decode them incrementally; this
+class turns that into the same responses and chunks, so callers cannot tell the engines apart except by speed.
 Pure Python: it ships with the logged pyfunc model.
 """
 
