@@ -307,12 +307,12 @@ class OnnxRunner:
         import onnxruntime_genai as og
 
         from hf2mlflow.runtime.genai_chat import open_model
+        from hf2mlflow.runtime.slot_chat import eos_ids
 
         self.og = og
         self.model = open_model(Path(path), session_options)
         self.tokenizer = og.Tokenizer(self.model)
-        eos = json.loads((Path(path) / "genai_config.json").read_text())["model"]["eos_token_id"]
-        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.eos = eos_ids(json.loads((Path(path) / "genai_config.json").read_text()))
 
     def encode(self, messages: list[dict]) -> list[int]:
         prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)

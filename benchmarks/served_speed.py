@@ -103,6 +103,7 @@ def prepare(model: str, work: Path, before: bool, transformers: bool) -> dict:
     from hf2mlflow.convert.step import ConvertArgs, convert
     from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
     from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
+    from hf2mlflow.runtime.manifest import folder_bytes
 
     tag = Path(model).name
     uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert(ConvertArgs(model=model, target="cpu-int4")),
@@ -118,7 +119,7 @@ def prepare(model: str, work: Path, before: bool, transformers: bool) -> dict:
         models[TRANSFORMERS] = {"kind": SERVED, "path": mlflow.artifacts.download_artifacts(
             uri, dst_path=str(work / f"{tag}-transformers"))}
     for info in models.values():
-        info["size_bytes"] = 0
+        info["size_bytes"] = folder_bytes(Path(info["path"]))
     return models
 
 

@@ -18,7 +18,8 @@ from hf2mlflow.contract import (GENAI_PACKAGE, ORT_PACKAGE, OPTIMUM_ROUTE, SHORT
 from hf2mlflow.sources.resolve import spec_from_source_params
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-REGISTERED = re.compile(r"^models:/([^/@]+)(?:@|/)")
+# models:/NAME@ALIAS or models:/NAME/VERSION (models:/m-... is a logged model, not a registered one)
+REGISTERED = re.compile(r"^models:/([^/@]+)(?:@([^/]+)|/([^/]+))")
 GIVE = ("give a log_pyfunc or log_transformers run ID, or a model URI (models:/name@alias, models:/name/version, "
         "runs:/run_id/model, a path)")
 

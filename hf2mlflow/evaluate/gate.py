@@ -15,7 +15,7 @@ from mlflow.models import MetricThreshold
 
 from hf2mlflow.config import GateConfig, GateThresholds
 from hf2mlflow.contract import TRANSFORMERS_FLAVOR
-from hf2mlflow.logged_models import EvalModel
+from hf2mlflow.logged_models import REGISTERED, EvalModel
 
 # check -> (the figure it reads, whether greater is better)
 CHECKS = {"min_tokenizer_agreement": ("tokenizer_agreement_rate", True), "max_mean_kld": ("mean_kld", False),
@@ -75,11 +75,11 @@ def judge(model: EvalModel, summary: dict, gate: GateConfig, reference: Optional
 def registered_version(uri: str, logged_by_run: str):
     """The registered model version of a logged model (by its URI, else by the run that logged it), or None."""
     client = mlflow.MlflowClient()
-    if uri.startswith("models:/") and not uri.startswith("models:/m-"):
-        name, _, rest = uri[len("models:/"):].partition("/")
-        name, _, alias = name.partition("@")
+    registered = REGISTERED.match(uri)
+    if registered and not registered.group(1).startswith("m-"):
+        name, alias, number = registered.groups()
         try:
-            return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, rest)
+            return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
         except MlflowException:
             return None
     versions = client.search_model_versions(f"run_id = '{logged_by_run}'")
