@@ -246,6 +246,8 @@ def fake_hub(monkeypatch):
     import http.server
     import threading
 
+    from huggingface_hub.utils import reset_sessions
+
     refs = {}
 
     class Hub(http.server.BaseHTTPRequestHandler):
@@ -271,10 +273,14 @@ def fake_hub(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # huggingface_hub reads HF_HUB_OFFLINE once, when imported (the test session sets it before that).
+    # huggingface_hub reads HF_HUB_OFFLINE once, when imported (the test session sets it before that), and its
+    # cached HTTP session refuses every request once made offline: a new session is made for the test and after it.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    reset_sessions()
     yield refs
     server.shutdown()
+    monkeypatch.undo()
+    reset_sessions()
 
 
 def test_a_hub_revision_is_pinned_to_its_commit_and_a_moved_branch_converts_again(in_process_chain, fake_hub,
