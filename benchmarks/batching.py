@@ -44,7 +44,7 @@ def log_variants(source: Path, work: Path) -> dict:
     from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 
     run_id = convert(ConvertArgs(model=str(source), target="cpu-int4"))
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "hf2mlflow/configs/targets/cpu-int4.yaml").read_text())
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/targets/cpu-int4.yaml").read_text())
     models = {}
     for i, (name, batching) in enumerate(VARIANTS.items()):
         target = work / f"cpu-int4-batching-{i}.yaml"

@@ -6,7 +6,7 @@ evaluate run (one fresh process per model), tracked in the MLflow experiment "qu
     python benchmarks/quantization_sweep.py --update-docs    # and rewrite docs/performance.md's quantization table
     python benchmarks/quantization_sweep.py --quick          # tiny-phi3, 3 prompts, 2 variants (the tests)
 
-Each int4 variant is hf2mlflow/configs/targets/cpu-int4.yaml with only `builder_options.algo_config` and
+Each int4 variant is configs/targets/cpu-int4.yaml with only `builder_options.algo_config` and
 `matmul_mixed_precision` changed, so block size 32 and accuracy level 4 stay those of the shipped target.
 """
 
@@ -97,7 +97,7 @@ def _markdown(rows: list[dict], header: str) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="hf2mlflow/configs/models name or model source")
+                        help="configs/models name or model source")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts of the dataset; 0: all")
     parser.add_argument("--variants", default=",".join(INT4_VARIANTS),
                         help=f"comma-separated int4 variants; allowed: {', '.join(INT4_VARIANTS)}")

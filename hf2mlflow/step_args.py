@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 
 from hf2mlflow.contract import CHAIN_ORDER
 
+# What `mlflow run .` converts with no -P: a trained chat model that ships on the package registry, so the first run
+# answers (the built-in tiny models have random weights; tests name them).
+DEFAULT_MODEL = "smollm2-135m-instruct"
 BATCH_FORMATS = ("a .jsonl file, a .parquet file or folder, or a Spark table name (name, schema.name, "
                  "catalog.schema.name)")
 
 
 @dataclass
 class ConvertArgs:
-    model: str = field(default="tiny-phi3", metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "configs/models name, model .yaml file, Hugging Face repo id or local model folder"})
     target: str = field(default="cpu-int4", metadata={"help": "configs/targets name or target .yaml file"})
     output_name: str = field(default="", metadata={"help": "run name; default MODEL-TARGET"})
@@ -54,7 +57,7 @@ class LogPyfuncArgs:
 
 @dataclass
 class LogTransformersArgs:
-    model: str = field(default="tiny-phi3", metadata={
+    model: str = field(default=DEFAULT_MODEL, metadata={
         "help": "configs/models name, model .yaml file, Hugging Face repo id or local model folder"})
     target: str = field(default="cpu-fp32", metadata={
         "help": "target config; its `transformers` section sets the device and dtype, `generation` the defaults"})
@@ -107,7 +110,7 @@ class BatchInferArgs:
 
 @dataclass
 class MainArgs:
-    model: str = field(default="tiny-phi3", metadata={"help": "as convert_onnx's model"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "as convert_onnx's model"})
     target: str = field(default="cpu-int4", metadata={"help": "hardware target of the ONNX model"})
     transformers_target: str = field(default="", metadata={
         "help": "target for log_transformers; default: `target` when it has a transformers section, else cpu-fp32"})

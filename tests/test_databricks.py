@@ -20,7 +20,7 @@ from tests.databricks_emulator import MLFLOW_BACKEND_KEYS, Workspace
 from tests.support import copy_working_tree, tracking_server as mlflow_server
 
 TOKEN = "dapi-emulated-token"
-CPU_SPEC = PROJECT_ROOT / "hf2mlflow" / "configs" / "databricks" / "cpu.json"
+CPU_SPEC = PROJECT_ROOT / "configs" / "databricks" / "cpu.json"
 STEP = ["-e", "convert_onnx", "-P", "model=tiny-phi3", "-P", "target=cpu-int4"]
 
 

@@ -16,7 +16,7 @@ def test_wheel_ships_configs_and_works_outside_the_checkout(tmp_path):
     assert "hf2mlflow/configs/datasets/capitals-and-facts.jsonl" in names
     assert "hf2mlflow/sources/data/tiny_corpus.txt" in names
     assert "hf2mlflow/runtime/onnx_chat_pyfunc.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "steps/", "benchmarks/"))]
+    assert not [n for n in names if n.startswith(("tests/", "steps/", "benchmarks/", "configs/"))]
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -126,12 +126,45 @@ def test_bad_requests_say_what_is_allowed(model, request_body, expected):
         model.predict(request_body)
 
 
+# The seed's own request to its custom wrapper: a prompt already in Phi-3's chat format.
+SEED_PROMPT = "<|system|>You are a stand-up comedian.<|end|><|user|>Tell me a joke about atom<|end|><|assistant|>"
+
+
 @pytest.mark.usefixtures("in_store")
-def test_seed_interface_prompt_to_string(logged):
+def test_the_seed_prompt_request_is_continued_as_it_is_with_its_settings_honoured(logged, tmp_path):
+    """interface=prompt: the seed's signature ({"prompt": string} -> string), the prompt tokenized as it is (the
+    ids onnxruntime-genai's tokenizer gives the raw text, no second chat template around it), and generation
+    settings taken from a row's columns or from MLflow params, checked like the chat schema's."""
+    import onnxruntime_genai as og
+
     uri = log_pyfunc(LogPyfuncArgs(convert_run_id=logged["convert_run_id"], interface="prompt",
                                    registered_model_name="tiny-phi3-prompt"))
-    answers = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": ["Hi", "What is ONNX?"]}))
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{logged['convert_run_id']}/onnx", dst_path=str(tmp_path))
+    raw_ids = [int(i) for i in og.Tokenizer(og.Model(folder)).encode(SEED_PROMPT)]
+    with pickle_free_model(logged["root"], uri) as model:
+        inputs = model.metadata.get_input_schema()
+        assert [(c.name, c.required) for c in inputs.inputs][:1] == [("prompt", True)]
+        assert not any(c.required for c in inputs.inputs[1:])
+        assert str(model.metadata.get_output_schema()) == "[string (required)]"
+
+        pyfunc = model.unwrap_python_model()
+        request = pyfunc._request({"prompt": SEED_PROMPT}, None)
+        assert pyfunc.engine.encode(request) == raw_ids
+
+        (answer,) = model.predict({"prompt": SEED_PROMPT})
+        assert isinstance(answer, str) and answer
+        # max_tokens as a column or a param: one token is a prefix of the longer answer.
+        (short,) = model.predict({"prompt": SEED_PROMPT, "max_tokens": 1})
+        (short_param,) = model.predict({"prompt": SEED_PROMPT}, params={"max_tokens": 1})
+        assert short == short_param and answer.startswith(short) and len(short) < len(answer)
+        # A seeded sampled answer repeats; two rows of one DataFrame answer each.
+        sampled = pd.DataFrame({"prompt": [SEED_PROMPT, "Hi"], "temperature": [0.9, 0.9], "seed": [7, 7]})
+        assert model.predict(sampled) == model.predict(sampled)
+        assert "".join(model.predict_stream({"prompt": SEED_PROMPT})) == answer
+        with pytest.raises(MlflowException, match="'temperature' must be between 0.0 and 2.0, got 5"):
+            model.predict({"prompt": SEED_PROMPT}, params={"temperature": 5.0})
+        with pytest.raises(MlflowException, match="'prompt' is required: a non-empty string"):
+            model.predict({"prompt": ""})
 
 
 @pytest.mark.usefixtures("in_store")
@@ -178,8 +211,8 @@ def test_the_gpu_engine_answers_as_the_cpu_engine(model, logged, tmp_path):
     defaults = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
     for question in ("Hello there", "What is the capital of France?"):
         request = parse_request({"messages": [{"role": "user", "content": question}]}, defaults, None)
-        assert gpu_engine.encode_chat(request.messages) == cpu_engine.encode_chat(request.messages)
-        ids = cpu_engine.encode_chat(request.messages)
+        assert gpu_engine.encode(request) == cpu_engine.encode(request)
+        ids = cpu_engine.encode(request)
         assert list(gpu_engine._choice_tokens(ids, request, 0)) == list(cpu_engine._choice_tokens(ids, request, 0))
         gpu, cpu = gpu_engine.chat(request), cpu_engine.chat(request)
         assert gpu["usage"] == cpu["usage"]

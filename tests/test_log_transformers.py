@@ -101,7 +101,7 @@ def no_template_model(tmp_path):
     ({"model": "no-such-model"}, ConfigError, ["unknown model 'no-such-model'", "tiny-phi3"]),
     ({"target": "dml-int4"}, ConfigError, ["no `transformers` section", "cpu-fp32", "cuda-fp16"]),
     ({"target": "cpu-fp33"}, ConfigError, ["unknown target 'cpu-fp33'"]),
-    ({"save_pretrained": False}, ConfigError, ["save_pretrained=false", "hub", "builtin"]),
+    ({"save_pretrained": False, "model": "tiny-phi3"}, ConfigError, ["save_pretrained=false", "hub", "builtin"]),
     ({"alias": "latest"}, ConfigError, ["alias", "reserved"]),
 ])
 def test_bad_input_fails_before_any_run(tracking, args, error, expected):

@@ -24,7 +24,8 @@ def run_project(tracking_uri: str, *params, uri, version=None, extra_env=None):
     command = ["mlflow", "run", uri, "--env-manager", "local", "--experiment-name", "chain"]
     command += ["--version", version] if version else []
     given = {p.split("=")[0] for p in params}
-    for p in [*params] + ([] if "eval_limit" in given else ["eval_limit=1"]):
+    # The built-in tiny model unless a test names one (the project's default is the trained model).
+    for p in [*params] + [d for d in ("eval_limit=1", "model=tiny-phi3") if d.split("=")[0] not in given]:
         command += ["-P", p]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, **(extra_env or {}))
     start = time.perf_counter()
@@ -206,7 +207,7 @@ def in_process_chain(tracking, monkeypatch):
     def run(fail=(), **args):
         failing.clear()
         failing.update(fail)
-        results = workflow.main(workflow.MainArgs(**{"eval_limit": 1, **args}))
+        results = workflow.main(workflow.MainArgs(**{"eval_limit": 1, "model": "tiny-phi3", **args}))
         return {r.entry_point: r.reused for r in results}, {r.entry_point: r.run_id for r in results}
 
     return run

@@ -53,7 +53,7 @@ def servers(logged, served_model):
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     url["model_server"] = served_model[0].removesuffix("/invocations")
     # The shipped gateway template, pointed at this test's ports.
-    gateway_config = yaml.safe_load((REPO / "hf2mlflow/configs/gateway/openai-compatible.yaml").read_text())
+    gateway_config = yaml.safe_load((REPO / "configs/gateway/openai-compatible.yaml").read_text())
     (endpoint,) = gateway_config["endpoints"]
     endpoint["name"] = endpoint["model"]["name"] = served
     endpoint["model"]["config"]["openai_api_base"] = f"{url['loaded']}/v1"

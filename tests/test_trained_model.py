@@ -102,6 +102,58 @@ def test_under_load_every_greedy_answer_is_the_one_it_gets_alone(trained, target
     assert "Paris" in alone[0][0]["message"]["content"]
 
 
+# The seed's custom-wrapper request, in the trained model's own chat format (ChatML).
+SEED_PROMPT = ("<|im_start|>system\nYou are a stand-up comedian.<|im_end|>\n<|im_start|>user\nTell me a joke about "
+               "atom<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_seed_prompt_request_gets_the_completion_of_exactly_that_prompt(trained, tmp_path):
+    """interface=prompt answers the seed's already-templated prompt with onnxruntime-genai's own greedy completion
+    of the raw prompt's ids, and with what the chat interface answers the same conversation."""
+    import onnxruntime_genai as og
+
+    from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+
+    convert_run_id = trained["runs"]["cpu-int4"].info.run_id
+    with local_store(trained["root"]):
+        uri = log_pyfunc(LogPyfuncArgs(convert_run_id=convert_run_id, interface="prompt",
+                                       registered_model_name=f"{MODEL}-prompt"))
+        folder = mlflow.artifacts.download_artifacts(f"runs:/{convert_run_id}/onnx", dst_path=str(tmp_path))
+    og_model = og.Model(folder)
+    tokenizer = og.Tokenizer(og_model)
+    ids = tokenizer.encode(SEED_PROMPT)
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 40)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    expected = tokenizer.decode([t for t in tokens if t not in set(tokenizer.eos_token_ids)])
+
+    with pickle_free_model(trained["root"], uri) as model:
+        (answer,) = model.predict({"prompt": SEED_PROMPT}, params={"max_tokens": 40})
+    assert answer == expected and "atom" in answer.lower(), (answer, expected)
+    conversation = [{"role": "system", "content": "You are a stand-up comedian."},
+                    {"role": "user", "content": "Tell me a joke about atom"}]
+    with pickle_free_model(trained["root"], trained["uris"]["cpu-int4"]) as model:
+        (response,) = model.predict({"messages": conversation, "max_tokens": 40})
+    assert response["choices"][0]["message"]["content"] == answer
+
+
+def test_the_seed_transformers_request_and_its_openai_post_processing(trained):
+    """The seed's transformers-flavor call: a messages list in, `response[0]['choices'][0]['message']['content']`
+    out, with the usage it prints."""
+    with local_store(trained["root"]):
+        response = mlflow.pyfunc.load_model(trained["uris"]["transformers"]).predict(
+            {"messages": [{"role": "user", "content": "What is the capital of Spain?"}]})
+    answer = response[0]["choices"][0]["message"]["content"]
+    assert "Madrid" in answer, answer
+    usage = response[0]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
 def test_fp32_onnx_quality_within_one_prompt_of_transformers(trained):
     onnx, torch = trained["summaries"]["onnx"], trained["summaries"]["transformers"]
     assert round(abs(onnx["contains"] - torch["contains"]) * LIMIT) <= 1

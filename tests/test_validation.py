@@ -153,7 +153,7 @@ def _flag_a_swapped_tokenizer(convert_run_id):
 def test_a_conversion_below_its_quality_floor_fails_with_the_figures(tracking, tmp_path, capsys):
     target = tmp_path / "cpu-int4-strict.yaml"
     # The shipped recipe on random weights (mean KL divergence about 3e-5): no int4 model reaches a floor of 1e-9.
-    target.write_text((PROJECT_ROOT / "hf2mlflow" / "configs" / "targets" / "cpu-int4.yaml").read_text()
+    target.write_text((PROJECT_ROOT / "configs" / "targets" / "cpu-int4.yaml").read_text()
                       .replace("max_mean_kld: 0.3", "max_mean_kld: 1.0e-9"))
     err, run = _convert_fails(tracking, capsys, "tiny-phi3", str(target))
     assert "below the target's quality_floor: mean KL divergence" in err and "> 1e-09 allowed" in err

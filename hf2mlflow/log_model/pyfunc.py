@@ -12,9 +12,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from hf2mlflow.config import Target, load_target
+from hf2mlflow.config import Generation, Target, load_target
 from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, GENAI_ROUTE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT,
                                 ONNX_ARTIFACT_PATH, ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX,
                                 genai_version, onnx_registered_name, route_for_format)
@@ -54,9 +54,19 @@ def requirements(execution_provider: str, artifact_format: str = GENAI_ROUTE.art
     return [f"mlflow=={version('mlflow')}", f"{runtime}=={runtime_version}", f"numpy=={version('numpy')}"]
 
 
-def signature(interface: str) -> ModelSignature:
+def signature(interface: str, generation: Generation) -> ModelSignature:
+    """The chat schema's, or the seed's `{"prompt": string} -> string`, whose generation settings may come as
+    optional columns of a row or as MLflow params (defaulting to the target's; a row's own wins)."""
     if interface == "prompt":
-        return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]))
+        settings = [("max_tokens", "long", generation.max_new_tokens),
+                    ("temperature", "double", generation.temperature), ("top_p", "double", generation.top_p),
+                    ("top_k", "long", generation.top_k), ("seed", "long", -1)]
+        inputs = Schema([ColSpec("string", "prompt"), *(ColSpec(kind, name, required=False)
+                                                        for name, kind, _ in settings),
+                         ColSpec(Array(DataType.string), "stop", required=False)])
+        params = ParamSchema([*(ParamSpec(name, kind, default) for name, kind, default in settings),
+                              ParamSpec("stop", "string", [], shape=(-1,))])
+        return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
     return ModelSignature(inputs=CHAT_MODEL_INPUT_SCHEMA, outputs=CHAT_MODEL_OUTPUT_SCHEMA,
                           params=ParamSchema([ParamSpec("seed", "long", -1)]))
 
@@ -118,7 +128,7 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                               "session_options": target.session_options.model_dump(exclude_none=True),
                               "artifact_format": artifact_format,
                               "execution_provider": target.execution_provider},
-                signature=signature(args.interface),
+                signature=signature(args.interface, target.generation),
                 input_example=PROMPT_EXAMPLE if args.interface == "prompt" else CHAT_EXAMPLE,
                 pip_requirements=requirements(target.execution_provider, artifact_format),
                 metadata={"source_run_id": args.convert_run_id, "model": model_name, "target": target.name,

@@ -23,6 +23,10 @@ class ChatEngine:
         """Prompt token ids from the model's own chat template, with the generation prompt."""
         raise NotImplementedError
 
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of raw text, as the tokenizer encodes any text (no chat template)."""
+        raise NotImplementedError
+
     def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: int | None, max_length: int) -> Iterator[int]:
         """New tokens one at a time (greedy, or sampled as the request says, from `seed`), until EOS or until
         the sequence holds `max_length` tokens."""
@@ -32,8 +36,9 @@ class ChatEngine:
         """A fresh incremental decoder: token -> the text it completes ('' while a character is incomplete)."""
         raise NotImplementedError
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self._encode(messages)
+    def encode(self, request: ChatRequest) -> list[int]:
+        """The request's prompt ids: its raw prompt as it is, or its messages through the chat template."""
+        ids = self._encode_prompt(request.prompt) if request.prompt is not None else self._encode(request.messages)
         if len(ids) >= self.context_length:
             raise ChatRequestError(f"the prompt is {len(ids)} tokens; this model's context length is "
                                    f"{self.context_length}, which must also leave room for the answer")
@@ -76,7 +81,7 @@ class ChatEngine:
             yield pending
 
     def chat(self, request: ChatRequest) -> dict:
-        prompt_ids = self.encode_chat(request.messages)
+        prompt_ids = self.encode(request)
         response = ChatResponse(self.model_name, len(prompt_ids))
 
         def choice(index: int) -> Completion:
@@ -91,7 +96,7 @@ class ChatEngine:
 
     def stream(self, request: ChatRequest) -> Iterator[dict]:
         """Chunks of each choice in turn; the last one carries the usage of the whole answer."""
-        prompt_ids = self.encode_chat(request.messages)
+        prompt_ids = self.encode(request)
         head = ChatResponse(self.model_name, len(prompt_ids))
         for index in range(request.n):
             completion = Completion()

@@ -14,6 +14,8 @@ from typing import Any, Optional
 ROLES = ("system", "user", "assistant")
 REQUEST_KEYS = ("messages", "temperature", "top_p", "top_k", "max_tokens", "stop", "n", "stream", "seed",
                 "custom_inputs", "frequency_penalty", "presence_penalty")
+# The prompt interface: raw text and the generation settings (each a column or an MLflow param).
+PROMPT_KEYS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
 MAX_N = 8
 # Bounds on what one request may ask the model to read: the context length bounds the tokens, these bound the
 # work of getting there (templating and tokenizing a huge body) before that check can run.
@@ -29,6 +31,7 @@ class ChatRequestError(ValueError):
 class ChatRequest:
     messages: list[dict]
     max_tokens: int
+    prompt: Optional[str] = None  # raw text for the tokenizer as it is (the prompt interface); then no messages
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -82,12 +85,7 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
             raise ChatRequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str) or not content:
             raise ChatRequestError(f"messages[{i}].content must be a non-empty string, got {content!r}")
-        # A lone surrogate (a JSON escape or bytes can carry one) is no text a tokenizer can take.
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ChatRequestError(f"messages[{i}].content is not valid Unicode: a lone surrogate at character "
-                                   f"{exc.start}; send UTF-8 text (beyond U+FFFF: a surrogate pair)") from None
+        _check_text(f"messages[{i}].content", content)
         clean.append({"role": role, "content": content})
     size = sum(len(m["content"]) for m in clean)
     if size > MAX_CONTENT_CHARS:
@@ -102,7 +100,45 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
     # -1 is the param's "none" default.
     seed = next((s for s in (body.get("seed"), custom.get("seed"), (params or {}).get("seed"))
                  if not _missing(s) and s != -1), None)
-    stop = body.get("stop") or ()
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ChatRequestError(f"'stream' must be true or false, got {stream!r}")
+    return ChatRequest(messages=clean, n=_number(body, "n", int, 1, MAX_N, 1), stream=stream,
+                       **_generation({**body, "seed": seed}, defaults))
+
+
+def parse_prompt_request(row: dict, defaults: dict, params: Optional[dict] = None) -> ChatRequest:
+    """Validate one raw-prompt request (the prompt interface: text the model continues as it is, with no chat
+    template) and fill in generation settings: the row's own, else the MLflow params', else the target's."""
+    if not isinstance(row, dict):
+        raise ChatRequestError(f"a prompt request is an object with 'prompt', got {type(row).__name__}")
+    given = {k: v for k, v in {**(params or {}), **row}.items() if not _missing(v) and not (k == "seed" and v == -1)}
+    unknown = sorted(set(given) - set(PROMPT_KEYS))
+    if unknown:
+        raise ChatRequestError(f"unknown request field(s) {', '.join(unknown)}; allowed: {', '.join(PROMPT_KEYS)}")
+    prompt = given.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ChatRequestError(f"'prompt' is required: a non-empty string, got {prompt!r}")
+    _check_text("prompt", prompt)
+    if len(prompt) > MAX_CONTENT_CHARS:
+        raise ChatRequestError(f"'prompt' holds {len(prompt)} characters; at most {MAX_CONTENT_CHARS} are allowed")
+    return ChatRequest(messages=[], prompt=prompt, **_generation(given, defaults))
+
+
+def _check_text(where: str, text: str) -> None:
+    # A lone surrogate (a JSON escape or bytes can carry one) is no text a tokenizer can take.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ChatRequestError(f"{where} is not valid Unicode: a lone surrogate at character {exc.start}; send "
+                               f"UTF-8 text (beyond U+FFFF: a surrogate pair)") from None
+
+
+def _generation(body: dict, defaults: dict) -> dict:
+    """The generation settings of a request body (max_tokens, temperature, top_p, top_k, stop, seed), checked,
+    with the target's defaults for those it leaves out."""
+    stop = body.get("stop")
+    stop = () if _missing(stop) else stop
     if isinstance(stop, str):
         stop = (stop,)
     if hasattr(stop, "tolist"):  # a numpy array, as MLflow's input conversion may hand it over
@@ -112,19 +148,13 @@ def parse_request(body: dict, defaults: dict, params: Optional[dict] = None) -> 
     stop = tuple(stop)
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ChatRequestError(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ChatRequestError(f"'stream' must be true or false, got {stream!r}")
-    return ChatRequest(
-        messages=clean,
+    return dict(
         max_tokens=_number(body, "max_tokens", int, 1, 1 << 20, defaults["max_new_tokens"]),
         temperature=_number(body, "temperature", float, 0.0, 2.0, defaults["temperature"]),
         top_p=_number(body, "top_p", float, 1e-9, 1.0, defaults["top_p"]),
         top_k=_number(body, "top_k", int, 0, 1 << 20, defaults["top_k"]),
         stop=stop,
-        n=_number(body, "n", int, 1, MAX_N, 1),
-        seed=_number({"seed": seed}, "seed", int, 0, 2**63 - 1, None),
-        stream=stream,
+        seed=_number(body, "seed", int, 0, 2**63 - 1, None),
     )
 
 

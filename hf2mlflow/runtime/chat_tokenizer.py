@@ -75,6 +75,10 @@ class ChatTokenizer:
         # The template writes the special tokens itself, as transformers' apply_chat_template assumes.
         return self.tokenizer.encode(self.render(messages), add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Raw text as `tokenizer(text)` encodes it (with the special tokens tokenizer.json adds, if any)."""
+        return self.tokenizer.encode(text).ids
+
     def text_decoder(self) -> Callable[[int], str]:
         """A fresh incremental decoder; special tokens are left out of the text."""
         from tokenizers.decoders import DecodeStream

@@ -59,6 +59,9 @@ class GenAIChatEngine(ChatEngine):
 
     def _encode(self, messages: list[dict]) -> list[int]:
         prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return self._encode_prompt(prompt)
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(prompt)]
 
     def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: int | None, max_length: int) -> Iterator[int]:

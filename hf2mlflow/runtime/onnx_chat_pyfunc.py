@@ -20,7 +20,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.pyfunc import PythonModel
 
 from hf2mlflow.runtime.batching import BatchLimits, QueueFull, concurrently
-from hf2mlflow.runtime.chat_schema import ChatRequestError, parse_request
+from hf2mlflow.runtime.chat_schema import ChatRequestError, parse_prompt_request, parse_request
 from hf2mlflow.runtime.manifest import verify_manifest
 
 
@@ -79,11 +79,10 @@ class OnnxChatModel(PythonModel):
                   f"more wait, beyond that requests get 503", file=sys.stderr, flush=True)
 
     def _request(self, row: dict, params):
-        if self.interface == "prompt":
-            prompt = row.get("prompt")
-            row = {"messages": [{"role": "user", "content": prompt}]}
+        # The prompt interface takes text the model continues as it is (already templated, as the seed sends it).
+        parse = parse_prompt_request if self.interface == "prompt" else parse_request
         try:
-            return parse_request(row, self.defaults, params)
+            return parse(row, self.defaults, params)
         except ChatRequestError as exc:
             raise _bad_request(exc) from None
 
@@ -111,6 +110,9 @@ class OnnxChatModel(PythonModel):
             raise _bad_request(exc) from None
         except QueueFull as exc:
             raise _busy(exc) from None
+        if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
+            yield from (text for c in (first, *chunks) if (text := c["choices"][0]["delta"].get("content")))
+            return
         yield first
         yield from chunks
 

@@ -105,6 +105,9 @@ class OrtChatEngine(ChatEngine):
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return [int(i) for i in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+
     def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: Optional[int], max_length: int
                 ) -> Iterator[int]:
         return generate_tokens(self.model, prompt_ids, max_length, chooser(request, seed))

@@ -39,6 +39,9 @@ class SlotChatEngine(ChatEngine):
     def _encode(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
 
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode_text(prompt)
+
     def _tokens(self, prompt_ids: list[int], request: ChatRequest, seed: Optional[int], max_length: int
                 ) -> Iterator[int]:
         return self.scheduler.generate(prompt_ids, max_length - len(prompt_ids), chooser(request, seed))

@@ -2,7 +2,7 @@ import textwrap
 
 import pytest
 
-from hf2mlflow import PROJECT_ROOT
+from hf2mlflow import CONFIGS_DIR, PROJECT_ROOT
 from hf2mlflow.config import VALID_PRECISIONS, load_model, load_target, shipped
 from hf2mlflow.errors import ConfigError
 from tests.support import write_target
@@ -27,6 +27,20 @@ def test_every_shipped_dataset_loads_with_all_its_examples(name):
     config, examples = load_dataset(name)
     assert config.name == name and len(examples) >= 20
     assert len({e.id for e in examples}) == len(examples)
+
+
+def test_the_configs_sit_at_the_top_level_and_every_doc_names_real_ones():
+    """configs/ stands beside MLproject (the shape the project promises), and every configs/... path that the
+    README and docs name exists there."""
+    import re
+
+    assert CONFIGS_DIR == PROJECT_ROOT / "configs" and (PROJECT_ROOT / "MLproject").is_file()
+    pages = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+    named = {(page.name, path) for page in pages
+             for path in re.findall(r"(?<![\w/.-])configs/[\w.*/-]*[\w*]", page.read_text())}
+    assert {p for _, p in named} >= {"configs/targets/*.yaml", "configs/models/*.yaml"}
+    missing = [(page, path) for page, path in named if not list(PROJECT_ROOT.glob(path))]
+    assert not missing, missing
 
 
 def test_the_required_targets_and_models_are_shipped():

@@ -7,7 +7,7 @@ import pytest
 from hf2mlflow import PROJECT_ROOT
 from tests.databricks_emulator import BadRequest, check_submit
 
-CPU_SPEC = PROJECT_ROOT / "hf2mlflow" / "configs" / "databricks" / "cpu.json"
+CPU_SPEC = PROJECT_ROOT / "configs" / "databricks" / "cpu.json"
 
 
 def test_the_emulator_checks_the_documented_shapes():
