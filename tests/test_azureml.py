@@ -95,8 +95,9 @@ def workspace(tmp_path_factory):
 
 def test_runs_params_metrics_and_tags_log_through_mlflows_rest_client_with_a_bearer_token(workspace):
     uri, seen = workspace
-    mlflow.set_experiment("hf2mlflow-azure")
-    with mlflow.start_run(run_name="convert_onnx") as run:
+    # An explicit experiment: mlflow.set_experiment would export MLFLOW_EXPERIMENT_ID to every later test.
+    experiment = mlflow.MlflowClient(uri).create_experiment("hf2mlflow-azure")
+    with mlflow.start_run(experiment_id=experiment, run_name="convert_onnx") as run:
         mlflow.log_params({"model": "smollm2-135m-instruct", "target": "cpu-int4"})
         mlflow.log_metrics({"decode_tokens_per_s": 148.5, "mean_kld": 0.179})
         mlflow.set_tags({"step": "convert_onnx", "cache_key": "abc123"})
@@ -116,8 +117,8 @@ def test_runs_params_metrics_and_tags_log_through_mlflows_rest_client_with_a_bea
 def test_without_the_plugin_artifacts_and_logged_models_fail_and_no_token_is_refused(workspace, tmp_path,
                                                                                      monkeypatch):
     uri, seen = workspace
-    mlflow.set_experiment("hf2mlflow-azure-artifacts")
-    with mlflow.start_run() as run:
+    experiment = mlflow.MlflowClient(uri).create_experiment("hf2mlflow-azure-artifacts")
+    with mlflow.start_run(experiment_id=experiment) as run:
         # Artifacts go to azureml:// storage, which only azureml-mlflow can write.
         assert run.info.artifact_uri.startswith("azureml://")
         (tmp_path / "note.txt").write_text("hello")
