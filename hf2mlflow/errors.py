@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import sys
@@ -52,14 +53,22 @@ def run_step(step: str, args_class, step_fn: str, argv=None):
 
     args = parse_step_args(args_class, argv, prog=step)
     module, function = step_fn.split(":")
-    try:
+    with failures_reported(step):
         return getattr(importlib.import_module(module), function)(args)
+
+
+@contextlib.contextmanager
+def failures_reported(tag: str):
+    """StepErrors and machine faults inside end the process with `[tag] FAILED: <what happened>`, exit code 1,
+    not a traceback; anything else is a bug and raises."""
+    try:
+        yield
     except StepError as exc:
-        print(f"\n[{step}] FAILED: {exc}", file=sys.stderr)
+        print(f"\n[{tag}] FAILED: {exc}", file=sys.stderr)
         raise SystemExit(1) from exc
     except Exception as exc:
         message = fault_message(exc)
         if message is None:
             raise
-        print(f"\n[{step}] FAILED: {message}", file=sys.stderr)
+        print(f"\n[{tag}] FAILED: {message}", file=sys.stderr)
         raise SystemExit(1) from exc

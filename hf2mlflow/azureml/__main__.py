@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from hf2mlflow.azureml.specs import BASE_IMAGE, Spec
-from hf2mlflow.errors import StepError, fault_message
+from hf2mlflow.errors import failures_reported
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,17 +44,8 @@ def main(argv=None) -> Path:
                 eval_limit=args.eval_limit)
     from hf2mlflow.azureml.deploy import deploy
 
-    try:
+    with failures_reported("azureml"):
         return deploy(args.model_uri, spec, args.out)
-    except StepError as exc:
-        print(f"\n[azureml] FAILED: {exc}", file=sys.stderr)
-        raise SystemExit(1) from exc
-    except Exception as exc:
-        message = fault_message(exc)
-        if message is None:
-            raise
-        print(f"\n[azureml] FAILED: {message}", file=sys.stderr)
-        raise SystemExit(1) from exc
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def parse_prompt_request(row: dict, defaults: dict, params: Optional[dict] = Non
     prompt = given.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ChatRequestError(f"'prompt' is required: a non-empty string, got {prompt!r}")
-    _check_text("prompt", prompt)
+    _check_text("'prompt'", prompt)
     if len(prompt) > MAX_CONTENT_CHARS:
         raise ChatRequestError(f"'prompt' holds {len(prompt)} characters; at most {MAX_CONTENT_CHARS} are allowed")
     return ChatRequest(messages=[], prompt=prompt, **_generation(given, defaults))

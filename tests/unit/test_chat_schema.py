@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf2mlflow.runtime.chat_schema import (MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_N, REQUEST_KEYS, ROLES, ChatRequest,
-                                           ChatRequestError, parse_request)
+from hf2mlflow.runtime.chat_schema import (MAX_CONTENT_CHARS, MAX_MESSAGES, MAX_N, PROMPT_KEYS, REQUEST_KEYS, ROLES,
+                                           ChatRequest, ChatRequestError, parse_prompt_request, parse_request)
 
 DEFAULTS = {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
 
@@ -45,3 +45,29 @@ def test_any_request_parses_or_gets_a_clear_refusal(body):
 def test_request_size_and_shape_are_bounded(body, expected):
     with pytest.raises(ChatRequestError, match=expected):
         parse_request(body, DEFAULTS)
+
+
+prompt_rows = st.dictionaries(st.sampled_from(PROMPT_KEYS + ("extra",)), json_values, max_size=6)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt_rows, st.dictionaries(st.sampled_from(PROMPT_KEYS[1:]), json_values, max_size=3))
+def test_any_prompt_row_and_params_parse_or_get_a_clear_refusal(row, params):
+    try:
+        request = parse_prompt_request(row, DEFAULTS, params)
+    except ChatRequestError as exc:
+        assert str(exc)
+        return
+    assert isinstance(request.prompt, str) and request.prompt and request.messages == []
+    assert 1 <= request.max_tokens and 0.0 <= request.temperature <= 2.0 and len(request.stop) <= 4
+
+
+def test_a_prompt_rows_settings_win_over_params_which_win_over_the_targets():
+    row = {"prompt": "<|user|>Hi<|end|><|assistant|>", "max_tokens": 3, "top_k": None}
+    request = parse_prompt_request(row, DEFAULTS, {"max_tokens": 9, "temperature": 0.5, "seed": -1, "stop": []})
+    assert request.prompt == row["prompt"]  # as it is: no template, no stripping
+    assert (request.max_tokens, request.temperature, request.top_k, request.seed) == (3, 0.5, 0, None)
+    with pytest.raises(ChatRequestError, match="unknown request field.*messages.*allowed: prompt, max_tokens"):
+        parse_prompt_request({"prompt": "Hi", "messages": []}, DEFAULTS)
+    with pytest.raises(ChatRequestError, match="'prompt' is not valid Unicode"):
+        parse_prompt_request({"prompt": "\ud800"}, DEFAULTS)
