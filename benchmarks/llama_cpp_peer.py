@@ -671,7 +671,7 @@ def run(args, log=print) -> dict:
             runtimes = llama + onnx_runtimes(args.onnx_targets, work, log) + extra
             prompts = length_prompts(args.lengths)
             speed = measure_rounds(runtimes, args.threads, args.max_tokens, args.rounds, prompts, CHAT,
-                                   warmup=args.warmup, log=log)
+                                   warmup=args.warmup, quiet=args.quiet, log=log)
             qual = quality(runtimes, args.threads, limit=args.limit, log=log) if args.quality else {}
             forced = teacher_forced_all(runtimes, args.threads, log=log) if args.quality else {}
     return {"date": time.strftime("%Y-%m-%d"), "command": args.command, "model": f"{MODEL} (SmolLM2-135M-Instruct)",
@@ -773,6 +773,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "runs:/...) with its model_config's session_options; repeatable")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the warm-up process per runtime before the rounds")
+    parser.add_argument("--busy", dest="quiet", action="store_false",
+                        help="measure once, at once, even while other processes run (a smoke run's figures, which "
+                             "record how busy the machine was); by default it waits for an idle machine and "
+                             "measures again what other processes disturbed")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts of the dataset for quality; 0: all")
     parser.add_argument("--no-quality", dest="quality", action="store_false",
                         help="skip the quality passes (dataset answers and teacher-forced)")

@@ -131,7 +131,8 @@ def test_llama_cpp_peer_smoke(tmp_path):
         pytest.skip("llama-cpp-python is not installed (pip install '.[llama]')")
     out = tmp_path / "peer"
     proc = subprocess.run([sys.executable, "benchmarks/llama_cpp_peer.py", "--onnx-targets", "", "--llama-quants", "",
-                           "--rounds", "1", "--no-warmup", "--max-tokens", "8", "--limit", "3", "--output", str(out)],
+                           "--rounds", "1", "--no-warmup", "--busy", "--max-tokens", "8", "--limit", "3",
+                           "--output", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
