@@ -11,5 +11,5 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_ROOT.parent
 # The shipped configs sit at the project's top level (configs/, beside MLproject); a wheel carries them inside the
-# package as configs (pyproject.toml maps the one folder to the other).
+# package as hf2mlflow/configs (setup.py maps the one folder to the other).
 CONFIGS_DIR = PROJECT_ROOT / "configs" if (PROJECT_ROOT / "MLproject").is_file() else PACKAGE_ROOT / "configs"

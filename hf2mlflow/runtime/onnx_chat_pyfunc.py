@@ -10,6 +10,7 @@ engine batches (the CPU engine of the builder's models).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -110,11 +111,11 @@ class OnnxChatModel(PythonModel):
             raise _bad_request(exc) from None
         except QueueFull as exc:
             raise _busy(exc) from None
+        chunks = itertools.chain([first], chunks)
         if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
-            yield from (text for c in (first, *chunks) if (text := c["choices"][0]["delta"].get("content")))
-            return
-        yield first
-        yield from chunks
+            yield from (text for c in chunks if (text := c["choices"][0]["delta"].get("content")))
+        else:
+            yield from chunks
 
 
 mlflow.models.set_model(OnnxChatModel())
