@@ -131,14 +131,15 @@ def test_llama_cpp_peer_smoke(tmp_path):
         pytest.skip("llama-cpp-python is not installed (pip install '.[llama]')")
     out = tmp_path / "peer"
     proc = subprocess.run([sys.executable, "benchmarks/llama_cpp_peer.py", "--onnx-targets", "", "--llama-quants", "",
-                           "--rounds", "1", "--no-warmup", "--busy", "--max-tokens", "8", "--limit", "3",
+                           "--rounds", "1", "--no-warmup", "--busy", "--max-tokens", "32", "--limit", "3",
                            "--output", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())
     speed = results["speed"]["llama.cpp Q4_1"]
-    assert speed["decode_tps"]["median"] > 0 and speed["new_tokens"] == 8
+    # 32 tokens: enough that a busy machine's noise in the one-token request cannot exceed the whole answer.
+    assert speed["decode_tps"]["median"] > 0 and speed["new_tokens"] == 32
     assert set(speed["ttft_ms"]) == {"64", "1024"} and speed["prompt_tokens"]["1024"] > 900
     assert results["quality"]["llama.cpp Q4_1"]["n"] == 3
     assert "| llama.cpp Q4_1 | Q4_1 GGUF as shipped |" in out.with_suffix(".md").read_text()
