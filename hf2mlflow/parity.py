@@ -165,6 +165,60 @@ class GenAIModel:
         return logits.reshape(len(ids), -1)
 
 
+class ServedModel:
+    """A CPU builder model folder as the logged pyfunc serves it (runtime/slot_chat.py): the chat template and
+    tokenizer it renders with, the decoder graph as it runs it, and the scheduler that batches rows. Its greedy
+    answers and logits are the served engine's; `greedy_together` decodes prompts as rows of one batch."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.eos_ids = engine.eos_ids
+        self.max_batch = engine.scheduler.limits.max_batch
+
+    @classmethod
+    def from_folder(cls, path: Path, session_options: Optional[dict] = None, max_batch: int = 8) -> "ServedModel":
+        from hf2mlflow.convert.rope import long_rope_threshold
+        from hf2mlflow.runtime.batching import BatchLimits
+        from hf2mlflow.runtime.slot_chat import SlotChatEngine
+
+        return cls(SlotChatEngine(Path(path), Path(path).name, BatchLimits(max_batch=max_batch),
+                                  session_options or {}, long_rope_threshold(Path(path))))
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat prompt's ids as the served model renders and tokenizes it."""
+        return self.engine.tokenizer.encode_chat(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self.engine.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text as the served model streams it: its incremental decoder, token by token."""
+        decode = self.engine.tokenizer.text_decoder()
+        return "".join(decode(int(i)) for i in ids)
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        return self.greedy_together([ids], max_new_tokens)[0]
+
+    def greedy_together(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers to `prompts`, up to max_batch of them queued at once so that they start in one step and
+        decode as rows of one batch."""
+        from hf2mlflow.runtime.sampling import greedy
+
+        answers = []
+        for start in range(0, len(prompts), self.max_batch):
+            streams = self.engine.scheduler.generate_together(
+                [(list(ids), max_new_tokens, greedy) for ids in prompts[start:start + self.max_batch]])
+            answers += [without_eos(list(stream), self.eos_ids) for stream in streams]
+        return answers
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        return self.all_logits(ids)[-1]
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids`, [len(ids), vocab]: the served prefill (hf2mlflow.quality)."""
+        return np.asarray(self.engine.decoder.all_logits([int(i) for i in ids]), dtype=np.float32)
+
+
 class OptimumModel:
     """An optimum ONNX export (the ONNX artifacts of a logged optimum pyfunc), decoded as the pyfunc decodes it."""
 

@@ -15,6 +15,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from hf2mlflow.config import Generation, Target, load_target
+from hf2mlflow.convert.rope import long_rope_threshold
 from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, GENAI_ROUTE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT,
                                 ONNX_ARTIFACT_PATH, ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX,
                                 genai_version, onnx_registered_name, route_for_format)
@@ -127,7 +128,9 @@ def log_pyfunc(args: LogPyfuncArgs) -> str:
                               "generation": target.generation.model_dump(), "batching": target.batching.model_dump(),
                               "session_options": target.session_options.model_dump(exclude_none=True),
                               "artifact_format": artifact_format,
-                              "execution_provider": target.execution_provider},
+                              "execution_provider": target.execution_provider,
+                              "long_rope_threshold": (long_rope_threshold(Path(onnx_dir))
+                                                      if route == GENAI_ROUTE else None)},
                 signature=signature(args.interface, target.generation),
                 input_example=PROMPT_EXAMPLE if args.interface == "prompt" else CHAT_EXAMPLE,
                 pip_requirements=requirements(target.execution_provider, artifact_format),

@@ -77,17 +77,24 @@ class BatchScheduler:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, choose: Callable) -> Iterator[int]:
         """Queue one sequence (QueueFull, at once, when the queue is full) and return its new tokens as they
         come. Closing the iterator early (a stop string was found) frees its row at the next step."""
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the context "
-                             f"length {self.context_length}")
-        sequence = Sequence(list(prompt_ids), max_new_tokens, choose)
+        return self.generate_together([(prompt_ids, max_new_tokens, choose)])[0]
+
+    def generate_together(self, requests: list[tuple[list[int], int, Callable]]) -> list[Iterator[int]]:
+        """Queue several sequences (prompt ids, new tokens, chooser) at once, all or none: those that fit start
+        in the same step. Their tokens, one iterator each, as `generate` gives them."""
+        sequences = []
+        for prompt_ids, max_new_tokens, choose in requests:
+            if len(prompt_ids) + max_new_tokens > self.context_length:
+                raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the context "
+                                 f"length {self.context_length}")
+            sequences.append(Sequence(list(prompt_ids), max_new_tokens, choose))
         with self._ready:
-            if self._running + len(self._waiting) >= self.limits.max_batch + self.limits.max_queue:
+            if self._running + len(self._waiting) + len(sequences) > self.limits.max_batch + self.limits.max_queue:
                 raise QueueFull(f"{self._running} sequences are generating and {len(self._waiting)} waiting "
                                 f"(max_batch {self.limits.max_batch}, max_queue {self.limits.max_queue})")
-            self._waiting.append(sequence)
+            self._waiting.extend(sequences)
             self._ready.notify()
-        return self._tokens_of(sequence)
+        return [self._tokens_of(sequence) for sequence in sequences]
 
     @staticmethod
     def _tokens_of(sequence: Sequence) -> Iterator[int]:

@@ -6,6 +6,11 @@ The graph's GroupQueryAttention reads each row's length from the attention mask 
 values in place when past and present are one buffer (genai_config.json's past_present_share_buffer), so rows
 of different lengths decode together: row r holds its first `lengths[r]` positions, right-padded. A prompt is
 prefilled in a run of its own, so its first token never depends on what else is running.
+
+Graphs with two rotary regimes (LongRoPE: Phi-3 128k, Phi-3.5, Phi-4-mini) pick the long or short cos/sin cache
+for the whole batch by the attention mask's width (`width > long_rope_threshold`). A row decoded alone sees the
+width of its own length; so rows are decoded in groups of one regime each, and a row's answer never depends on
+the lengths of its neighbours.
 Pure numpy and onnxruntime: it ships with the logged pyfunc model.
 """
 
@@ -36,9 +41,12 @@ def session_options(settings: dict):
 
 class SlotDecoder:
     """`prefill(row, ids)` puts a prompt into cache row `row`; `decode(tokens, lengths)` adds one token to each of
-    rows 0..len(tokens)-1; both return next-token logits. `move` compacts rows as sequences leave."""
+    rows 0..len(tokens)-1; both return next-token logits. `move` compacts rows as sequences leave.
+    `all_logits(ids)` is a prefill into a cache of its own that returns every position's logits (the
+    teacher-forced measure of the served engine). `long_rope_threshold`: the mask width above which the graph
+    uses its long rotary factors (None: one regime); hf2mlflow/convert/rope.py reads it from the graph."""
 
-    def __init__(self, model_dir: Path, settings: Optional[dict] = None):
+    def __init__(self, model_dir: Path, settings: Optional[dict] = None, long_rope_threshold: Optional[int] = None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -61,6 +69,7 @@ class SlotDecoder:
         self._row_shape = (int(decoder["num_key_value_heads"]), int(decoder["head_size"]))
         self._cache: dict[str, np.ndarray] = {}
         self.rows = self.positions = 0
+        self.long_rope_threshold = long_rope_threshold
 
     def reserve(self, rows: int, positions: int, lengths: list[int]) -> None:
         """Room for `rows` rows of `positions` positions each, keeping the first `lengths[r]` positions of row r."""
@@ -84,27 +93,54 @@ class SlotDecoder:
         for past, _ in self._pairs:
             self._cache[past][target, :, :length] = self._cache[past][source, :, :length]
 
-    def _run(self, first_row: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, caches: dict[str, np.ndarray], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One pass of the graph over `caches` (past name -> [rows, heads, positions, head_size], contiguous);
+        the logits, [rows, tokens, vocab]."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self._ids, ids)
         binding.bind_cpu_input(self._mask, mask)
-        rows = slice(first_row, first_row + ids.shape[0])  # contiguous: the row axis comes first
         for past, present in self._pairs:
-            buffer = self._ort.OrtValue.ortvalue_from_numpy(self._cache[past][rows])
+            buffer = self._ort.OrtValue.ortvalue_from_numpy(caches[past])
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)  # the same memory: written in place
         binding.bind_output(self._logits)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[-1].numpy()[:, -1]
+        return binding.get_outputs()[-1].numpy()
+
+    def _rows(self, first: int, count: int) -> dict[str, np.ndarray]:
+        rows = slice(first, first + count)  # contiguous: the row axis comes first
+        return {past: self._cache[past][rows] for past, _ in self._pairs}
 
     def prefill(self, row: int, prompt_ids: list[int]) -> np.ndarray:
         """The prompt's keys and values into row `row` (reserved); the logits after its last token."""
         ids = np.array([prompt_ids], dtype=np.int64)
-        return self._run(row, ids, np.ones_like(ids))[0]
+        return self._run(self._rows(row, 1), ids, np.ones_like(ids))[0, -1]
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits at every position of `ids`, [len(ids), vocab]: a prefill, into a cache of its own."""
+        heads, head_size = self._row_shape
+        positions = -(-len(ids) // _CHUNK) * _CHUNK
+        scratch = {past: np.zeros((1, heads, positions, head_size), dtype=self._dtype) for past, _ in self._pairs}
+        batch = np.array([ids], dtype=np.int64)
+        return self._run(scratch, batch, np.ones_like(batch))[0]
+
+    def _long(self, length: int) -> bool:
+        """Whether a row holding `length` positions decodes its next token with the long rotary factors."""
+        return self.long_rope_threshold is not None and length + 1 > self.long_rope_threshold
 
     def decode(self, tokens: list[int], lengths: list[int]) -> np.ndarray:
-        """One new token for each of rows 0..len(tokens)-1, whose caches hold `lengths` positions; [rows, vocab]."""
-        mask = np.zeros((len(tokens), max(lengths) + 1), dtype=np.int64)
-        for row, length in enumerate(lengths):
-            mask[row, :length + 1] = 1
-        return self._run(0, np.array(tokens, dtype=np.int64)[:, None], mask)
+        """One new token for each of rows 0..len(tokens)-1, whose caches hold `lengths` positions; [rows, vocab].
+        Each run of neighbouring rows in one rotary regime is one pass of the graph."""
+        out, first = [], 0
+        while first < len(tokens):
+            end = first + 1
+            while end < len(tokens) and self._long(lengths[end]) == self._long(lengths[first]):
+                end += 1
+            group = lengths[first:end]
+            mask = np.zeros((len(group), max(group) + 1), dtype=np.int64)
+            for row, length in enumerate(group):
+                mask[row, :length + 1] = 1
+            ids = np.array(tokens[first:end], dtype=np.int64)[:, None]
+            out.append(self._run(self._rows(first, len(group)), ids, mask)[:, -1])
+            first = end
+        return out[0] if len(out) == 1 else np.concatenate(out)

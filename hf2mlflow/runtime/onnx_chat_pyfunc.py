@@ -48,7 +48,11 @@ def _engine(artifact_format: str, model_dir: Path, config: dict, limits: BatchLi
     if artifact_format == "onnxruntime-genai" and config.get("execution_provider", "cpu") == "cpu":
         from hf2mlflow.runtime.slot_chat import SlotChatEngine
 
-        return SlotChatEngine(model_dir, config["model_name"], limits, config.get("session_options") or {})
+        if "long_rope_threshold" not in config:  # a row's answer would depend on its neighbours' lengths
+            raise MlflowException("model_config has no long_rope_threshold (the graph's rotary regimes); log the "
+                                  "model again with log_pyfunc")
+        return SlotChatEngine(model_dir, config["model_name"], limits, config.get("session_options") or {},
+                              config["long_rope_threshold"])
     if artifact_format == "onnxruntime-genai":
         from hf2mlflow.runtime.genai_chat import GenAIChatEngine
 

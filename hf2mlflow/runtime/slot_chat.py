@@ -27,14 +27,15 @@ def eos_ids(genai_config: dict) -> set[int]:
 
 class SlotChatEngine(ChatEngine):
     def __init__(self, model_dir: Path, model_name: str, limits: BatchLimits = BatchLimits(),
-                 session_options: Optional[dict] = None):
+                 session_options: Optional[dict] = None, long_rope_threshold: Optional[int] = None):
         config = json.loads((Path(model_dir) / "genai_config.json").read_text())
         self.model_name = model_name
         self.context_length = int(config["model"]["context_length"])
         self.eos_ids = eos_ids(config)
         self.tokenizer = ChatTokenizer(Path(model_dir))
-        self.scheduler = BatchScheduler(SlotDecoder(Path(model_dir), session_options), limits, self.context_length,
-                                        self.eos_ids, name=f"batching {model_name}")
+        self.decoder = SlotDecoder(Path(model_dir), session_options, long_rope_threshold)
+        self.scheduler = BatchScheduler(self.decoder, limits, self.context_length, self.eos_ids,
+                                        name=f"batching {model_name}")
 
     def _encode(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
