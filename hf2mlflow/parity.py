@@ -177,7 +177,7 @@ class ServedModel:
 
     @classmethod
     def from_folder(cls, path: Path, session_options: Optional[dict] = None, max_batch: int = 8) -> "ServedModel":
-        from hf2mlflow.convert.rope import long_rope_threshold
+        from hf2mlflow.builder_graph import long_rope_threshold
         from hf2mlflow.runtime.batching import BatchLimits
         from hf2mlflow.runtime.slot_chat import SlotChatEngine
 

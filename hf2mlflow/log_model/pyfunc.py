@@ -15,7 +15,7 @@ from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from hf2mlflow.config import Generation, Target, load_target
-from hf2mlflow.convert.rope import long_rope_threshold
+from hf2mlflow.builder_graph import long_rope_threshold
 from hf2mlflow.contract import (CONVERT_STEP, GENAI_PACKAGE, GENAI_ROUTE, LOG_PYFUNC_STEP, MANIFEST_ARTIFACT,
                                 ONNX_ARTIFACT_PATH, ORT_PACKAGE, OPTIMUM_ROUTE, TARGET_ARTIFACT, TORCH_CPU_INDEX,
                                 genai_version, onnx_registered_name, route_for_format)

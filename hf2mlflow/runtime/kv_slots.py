@@ -44,7 +44,7 @@ class SlotDecoder:
     rows 0..len(tokens)-1; both return next-token logits. `move` compacts rows as sequences leave.
     `all_logits(ids)` is a prefill into a cache of its own that returns every position's logits (the
     teacher-forced measure of the served engine). `long_rope_threshold`: the mask width above which the graph
-    uses its long rotary factors (None: one regime); hf2mlflow/convert/rope.py reads it from the graph."""
+    uses its long rotary factors (None: one regime); hf2mlflow/builder_graph.py reads it from the graph."""
 
     def __init__(self, model_dir: Path, settings: Optional[dict] = None, long_rope_threshold: Optional[int] = None):
         import onnxruntime as ort

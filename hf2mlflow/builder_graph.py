@@ -1,4 +1,5 @@
-"""What the builder's graph does with rotary embeddings that the engine serving it must know."""
+"""What the onnxruntime-genai builder's decoder graph does that the engine serving it must know (read with onnx at
+conversion and logging time; the served runtime has no onnx)."""
 
 from __future__ import annotations
 
