@@ -19,6 +19,15 @@ class PromptParity:
     # Whether the model's own tokenizer turns the chat prompt into the source tokenizer's ids (the tokens
     # above are compared on the source's ids, so a tokenizer that disagrees shows only here).
     tokenizer_agrees: Optional[bool] = None
+    # The served engine's answer to the same ids as one row of a full batch (None: the engine does not batch).
+    batch_tokens: Optional[list[int]] = None
+    # onnxruntime-genai's answer over the same files (None: not compared).
+    genai_tokens: Optional[list[int]] = None
+
+    @property
+    def identical(self) -> bool:
+        """The reference's tokens, alone and, where the engine batches, as a row of a batch."""
+        return self.first_divergence is None and self.batch_tokens in (None, self.reference_tokens)
 
     @property
     def first_divergence(self) -> Optional[int]:
@@ -153,6 +162,9 @@ class GenAIModel:
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
 
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         return without_eos(genai_greedy(self.model, ids, max_new_tokens), self.eos_ids)
 
@@ -260,14 +272,27 @@ class OptimumModel:
         return out.logits[0].float().numpy()
 
 
+def _tokenizer_agrees(reference: TorchModel, candidate, messages: list[dict]) -> bool:
+    if hasattr(candidate, "prompt_ids"):  # it renders the chat template itself, as it serves
+        return candidate.prompt_ids(messages) == reference.prompt_ids(messages)
+    text = reference.prompt_text(messages)
+    return candidate.encode(text) == reference.encode(text)
+
+
 def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new_tokens: int,
-            with_logits: bool) -> list[PromptParity]:
+            with_logits: bool, genai: Optional[GenAIModel] = None) -> list[PromptParity]:
+    """Greedy answers to each prompt's ids (the source tokenizer's): the reference's, the candidate's alone and,
+    where the candidate batches (ServedModel), as rows of full batches; with `genai`, onnxruntime-genai's over
+    the same files too."""
+    all_ids = [reference.prompt_ids(messages) for messages in prompts]
+    together = (candidate.greedy_together(all_ids, max_new_tokens) if hasattr(candidate, "greedy_together")
+                else [None] * len(all_ids))
     results = []
-    for messages in prompts:
-        ids = reference.prompt_ids(messages)
+    for messages, ids, batch_tokens in zip(prompts, all_ids, together):
         result = PromptParity(reference.greedy(ids, max_new_tokens), candidate.greedy(ids, max_new_tokens),
-                              tokenizer_agrees=candidate.encode(reference.prompt_text(messages))
-                              == reference.encode(reference.prompt_text(messages)))
+                              tokenizer_agrees=_tokenizer_agrees(reference, candidate, messages),
+                              batch_tokens=batch_tokens,
+                              genai_tokens=genai.greedy(ids, max_new_tokens) if genai else None)
         if with_logits:
             result.logits_max_abs_diff = float(np.max(np.abs(reference.next_logits(ids) - candidate.next_logits(ids))))
         results.append(result)
@@ -277,11 +302,19 @@ def compare(reference: TorchModel, candidate, prompts: list[list[dict]], max_new
 def summarize(results: list[PromptParity]) -> dict:
     divergences = [r.first_divergence for r in results]
     summary = {
-        "parity_identical_rate": sum(d is None for d in divergences) / len(results),
+        # alone and, where the engine batches, in a batch: what the gate's min_parity_identical_rate reads
+        "parity_identical_rate": sum(r.identical for r in results) / len(results),
+        "parity_identical_rate_alone": sum(d is None for d in divergences) / len(results),
         "parity_matched_share": float(np.mean([r.matched_share for r in results])),
         "parity_first_divergence_min": float(min((d for d in divergences if d is not None), default=-1)),
         "tokenizer_agreement_rate": sum(bool(r.tokenizer_agrees) for r in results) / len(results),
     }
+    if all(r.batch_tokens is not None for r in results):
+        summary["parity_identical_rate_batched"] = (sum(r.batch_tokens == r.reference_tokens for r in results)
+                                                    / len(results))
+        summary["batch_equals_alone_rate"] = sum(r.batch_tokens == r.tokens for r in results) / len(results)
+    if all(r.genai_tokens is not None for r in results):
+        summary["genai_agreement_rate"] = sum(r.genai_tokens == r.tokens for r in results) / len(results)
     logits = [r.logits_max_abs_diff for r in results if r.logits_max_abs_diff is not None]
     if logits:
         summary["parity_logits_max_abs_diff"] = float(max(logits))

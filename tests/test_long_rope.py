@@ -4,13 +4,15 @@ original context of 32 positions, its attention made peaky (tiny random models a
 change of rotary factors then moves nothing), and its end-of-sequence rows zeroed so every answer runs to its
 length."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
-from safetensors.torch import load_file, save_file
 
 from hf2mlflow.convert.step import ConvertArgs, convert
 from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
 from hf2mlflow.parity import GenAIModel, ServedModel
+from tests.support import local_store
 from tests.test_validation import _variant
 
 ORIGINAL_CONTEXT = 32
@@ -30,8 +32,6 @@ def _peaky_without_eos(state):
 def long_rope(tmp_path_factory):
     """The LongRoPE variant converted to cpu-fp32 (validated against PyTorch) and logged: the served engine as
     the pyfunc loads it, and onnxruntime-genai over the same files."""
-    from tests.support import local_store
-
     root = tmp_path_factory.mktemp("long-rope")
     half = 64 // 4 // 2  # tiny-phi3: hidden 64, 4 heads
     folder = _variant("tiny-phi3", root / "phi3-longrope", {
@@ -43,8 +43,6 @@ def long_rope(tmp_path_factory):
         uri = log_pyfunc(LogPyfuncArgs(convert_run_id=run_id))
         pyfunc = mlflow.pyfunc.load_model(uri)
         onnx = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="onnx", dst_path=str(root))
-    from pathlib import Path
-
     return ServedModel(pyfunc.unwrap_python_model().engine), GenAIModel(Path(onnx))
 
 

@@ -23,8 +23,8 @@ from hf2mlflow.convert.memory_plan import GIB, check_options, checkpoint_size, p
 from hf2mlflow.sources.resolve import resolve_model, source_params, source_tags
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import log_params_once, print_run_summary, step_run
-from hf2mlflow.convert.validate import check_genai_files, check_quality, validate_genai_model, \
-    validate_optimum_model
+from hf2mlflow.convert.validate import builder_candidate, check_genai_files, check_quality, \
+    validate_genai_model, validate_optimum_model
 from hf2mlflow.step_args import ConvertArgs
 
 STEP = CONVERT_STEP
@@ -81,7 +81,8 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
         mlflow.log_metrics({"conversion_seconds": build.seconds, "builder_peak_rss_bytes": build.peak_rss_bytes})
         print(f"[{STEP}] built in {build.seconds:.1f} s, builder peak RSS {build.peak_rss_bytes / 2**20:.0f} MiB")
 
-        print(f"[{STEP}] 3/4 validating: graph and config, then load with onnxruntime-genai and generate")
+        print(f"[{STEP}] 3/4 validating: graph and config, then load with the engine the model serves with "
+              f"and generate")
         check_genai_files(out, target.execution_provider)
         skipped = generation_skipped(target.execution_provider)
         if skipped:
@@ -89,14 +90,16 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
             mlflow.set_tag("validation", f"graph checked; generation skipped: {skipped}")
             print(f"[{STEP}] graph checked; generation skipped: {skipped}")
         else:
+            candidate = builder_candidate(out, target.execution_provider,
+                                          target.session_options.model_dump(exclude_none=True))
             # fp32 must reproduce PyTorch's greedy answer; quantized or fp16 weights may rightly part from it.
-            check = validate_genai_model(out, source_dir=resolved.path, compare_greedy=target.precision == "fp32")
+            check = validate_genai_model(out, source_dir=resolved.path, compare_greedy=target.precision == "fp32",
+                                         candidate=candidate)
             _log_validation(check)
-            mlflow.set_tag("validation", f"graph checked; generated on {target.execution_provider}")
-            print(f"[{STEP}] generated on {target.execution_provider}: {check.text[:80]!r}")
-            from hf2mlflow.parity import GenAIModel
-
-            _check_quality(GenAIModel(out), resolved.path, target, spec.trust_remote_code)
+            mlflow.set_tag("validation", f"graph checked; generated on {target.execution_provider} through "
+                                         f"{check.engine}")
+            print(f"[{STEP}] generated on {target.execution_provider} through {check.engine}: {check.text[:80]!r}")
+            _check_quality(candidate, resolved.path, target, spec.trust_remote_code)
 
         genai_config = json.loads((out / "genai_config.json").read_text())
         _log_model_folder(out, genai_config["model"].get("context_length", ""))
@@ -161,11 +164,18 @@ def _work_dir():
 
 def _log_validation(check) -> None:
     mlflow.log_dict(check.to_dict(), "validation.json")
-    mlflow.log_metrics({"validation_seconds": check.seconds,
-                        "validation_new_tokens": len(check.new_tokens),
-                        "validation_tokenizer_match": float(check.tokenizer_matches_transformers)})
-    print(f"[{STEP}] tokenizer agrees with transformers; generated {len(check.new_tokens)} tokens: {check.text!r}"
-          + (" (the same greedy tokens as PyTorch)" if check.reference_tokens is not None else ""))
+    metrics = {"validation_seconds": check.seconds, "validation_new_tokens": len(check.new_tokens),
+               "validation_tokenizer_match": float(check.tokenizer_matches_transformers),
+               "validation_batch_rows": check.batch_rows}
+    if check.genai_agrees is not None:
+        metrics["validation_genai_agreement"] = float(check.genai_agrees)
+    mlflow.log_metrics(metrics)
+    print(f"[{STEP}] {check.engine}: tokenizer agrees with transformers; generated {len(check.new_tokens)} tokens: "
+          f"{check.text!r}" + (" (the same greedy tokens as PyTorch)" if check.reference_tokens is not None else "")
+          + (f"; the same answers alone and as rows of a batch of {check.batch_rows}" if check.batch_rows > 1 else "")
+          + ("" if check.genai_agrees is None else "; onnxruntime-genai over the same files gives "
+             + ("the same greedy tokens" if check.genai_agrees else "other greedy tokens (reported, not an error "
+                                                                      "for a quantized model)")))
 
 
 def _check_quality(candidate, source_dir: Path, target, trust_remote_code: bool) -> None:

@@ -11,7 +11,6 @@ from typing import Optional
 import numpy as np
 
 from hf2mlflow.errors import StepError
-from hf2mlflow.parity import genai_greedy
 
 VALIDATION_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 WHERE = "the converted model"  # the folder is scratch space, gone when the step ends
@@ -61,6 +60,10 @@ class ValidationResult:
     seconds: float
     # fp32 targets: the source model's greedy tokens in PyTorch on the same prompt ids (asserted equal).
     reference_tokens: Optional[list[int]] = None
+    engine: str = "onnxruntime-genai"  # the engine the logged model serves with, which was validated
+    batch_rows: int = 1  # rows of the batch whose answers were checked against their lone answers
+    # The served engine's greedy answer equals onnxruntime-genai's over the same files (None: not the served engine)
+    genai_agrees: Optional[bool] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,20 +75,21 @@ def fp32_logits_tolerance(reference) -> float:
     return 1e-3 + 1e-4 * float(np.max(np.abs(reference)))
 
 
-def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, decode, where: str) -> None:
-    """Fail, naming the first offending token, when onnxruntime-genai's ids for the prompt fall outside the
-    vocabulary or differ from transformers'."""
+def check_prompt_ids(ids: list[int], reference: list[int], vocab_size: int, decode, where: str,
+                     engine: str = "onnxruntime-genai") -> None:
+    """Fail, naming the first offending token, when `engine`'s ids for the prompt fall outside the vocabulary or
+    differ from transformers'."""
     outside = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab_size]
     if outside:
         position, token = outside[0]
-        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer gives id {token} at position {position} "
+        raise ValidationError(f"{where}: {engine}'s tokenizer gives id {token} at position {position} "
                               f"of the validation chat prompt, outside the vocabulary (0..{vocab_size - 1}); "
                               f"{len(outside)} of {len(ids)} ids are outside. Its tokenizer files are not ones "
-                              f"onnxruntime-genai reads as transformers does")
+                              f"{engine} reads as transformers does")
     if ids != reference:
-        raise ValidationError(f"{where}: onnxruntime-genai's tokenizer disagrees with transformers' on the "
+        raise ValidationError(f"{where}: {engine}'s tokenizer disagrees with transformers' on the "
                               f"validation chat prompt: "
-                              f"{first_difference(reference, ids, decode, 'transformers', 'onnxruntime-genai')}")
+                              f"{first_difference(reference, ids, decode, 'transformers', engine)}")
 
 
 def first_difference(expected: list[int], got: list[int], decode, expected_name: str, got_name: str) -> str:
@@ -100,29 +104,116 @@ def first_difference(expected: list[int], got: list[int], decode, expected_name:
             f"{longer[i]} ({decode([longer[i]])!r}); lengths {len(expected)} and {len(got)}")
 
 
+def _open_genai(model_dir: Path):
+    from hf2mlflow.parity import GenAIModel
+
+    try:
+        return GenAIModel(model_dir)
+    except RuntimeError as exc:
+        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
+                              f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
+                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
+                              f"otherwise try another precision or -P exporter=optimum") from None
+
+
+def builder_candidate(model_dir: Path, execution_provider: str = "cpu", session_options: Optional[dict] = None):
+    """The builder's model as the logged pyfunc serves it: on CPU the served engine (parity.ServedModel: our
+    template rendering, tokenizer, decode loop and batching), on GPUs onnxruntime-genai (parity.GenAIModel)."""
+    if execution_provider != "cpu":
+        return _open_genai(model_dir)
+    from hf2mlflow.parity import ServedModel
+
+    try:
+        return ServedModel.from_folder(model_dir, session_options)
+    except Exception as exc:  # the tokenizer, the template or the graph: say which engine failed to open
+        raise ValidationError(f"the served engine cannot open the model the builder wrote: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def engine_name(candidate) -> str:
+    from hf2mlflow.parity import ServedModel
+
+    return "the served engine" if isinstance(candidate, ServedModel) else "onnxruntime-genai"
+
+
 def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: Optional[Path] = None,
-                         compare_greedy: bool = False) -> ValidationResult:
-    """Greedy-generate from a chat prompt made with the tokenizer's own chat template. Fails (ValidationError)
-    when onnxruntime-genai cannot load the model, when its tokenizer turns the prompt into other ids than
-    transformers' tokenizer of `source_dir` (default: the model folder's) or gives ids outside the
-    vocabulary, when it decodes ids to other text, and, with `compare_greedy` (fp32), when its greedy answer
-    differs from the source model's in PyTorch."""
+                         compare_greedy: bool = False, candidate=None) -> ValidationResult:
+    """Greedy-generate from a chat prompt made with the tokenizer's own chat template, through `candidate`
+    (default: builder_candidate, the engine the pyfunc serves with on CPU). Fails (ValidationError) when the model
+    cannot load, when the engine turns the chat prompt into other ids than transformers' tokenizer and template
+    of `source_dir` (default: the model folder's) or gives ids outside the vocabulary, when it decodes ids to
+    other text, and, with `compare_greedy` (fp32), when its greedy answer or next-token logits differ from the
+    source model's in PyTorch. The served engine also answers the prompt as one row of a full batch, which must
+    give its lone answer, and beside onnxruntime-genai over the same files: a difference fails fp32 and is
+    reported for other precisions (`genai_agrees`)."""
     from transformers import AutoTokenizer
+
+    from hf2mlflow.parity import ServedModel, genai_greedy, without_eos
 
     start = time.perf_counter()
     hf_tokenizer = AutoTokenizer.from_pretrained(source_dir or model_dir)
     if not hf_tokenizer.chat_template:
         raise ValueError(f"{source_dir or model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
-    from hf2mlflow.parity import GenAIModel
+    candidate = candidate or builder_candidate(model_dir)
+    engine = engine_name(candidate)
+    served = isinstance(candidate, ServedModel)
+    reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    decode = hf_tokenizer.decode
+    if served:
+        ids = candidate.prompt_ids(VALIDATION_MESSAGES)  # its own template rendering, as it serves
+    else:
+        ids = _genai_prompt_ids(candidate, model_dir, prompt)
+    if not ids:
+        raise ValidationError(f"{WHERE}: {engine}'s tokenizer encoded the prompt to no tokens")
+    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
+    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, WHERE, engine)
+    for text in DECODE_PROBES:
+        probe = list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+        theirs, ours = hf_tokenizer.decode(probe, skip_special_tokens=True), candidate.decode(probe)
+        if theirs != ours:
+            raise ValidationError(f"{WHERE}: {engine} decodes the ids of {text!r} as {ours!r}, "
+                                  f"transformers as {theirs!r}")
+    new_tokens = candidate.greedy(ids, max_new_tokens)
+    if not new_tokens:
+        raise ValidationError(f"{WHERE}: the model generated no tokens")
+    batch_rows, genai_agrees = 1, None
+    if served:
+        batch_rows = _check_batch(candidate, ids, new_tokens, max_new_tokens, decode)
+        genai_tokens = without_eos(genai_greedy(_open_genai(model_dir).model, ids, max_new_tokens), candidate.eos_ids)
+        genai_agrees = genai_tokens == new_tokens
+        if compare_greedy and not genai_agrees:
+            raise ValidationError(
+                f"{WHERE}: the served engine's fp32 greedy answer differs from onnxruntime-genai's over the same "
+                f"files: {first_difference(genai_tokens, new_tokens, decode, 'onnxruntime-genai', engine)}")
+    reference_tokens = None
+    if compare_greedy:
+        from hf2mlflow.parity import TorchModel
 
-    try:
-        candidate = GenAIModel(model_dir)
-    except RuntimeError as exc:
-        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
-                              f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
-                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
-                              f"otherwise try another precision or -P exporter=optimum") from None
+        torch_model = TorchModel.from_folder(source_dir or model_dir)
+        reference_tokens = torch_model.greedy(ids, max_new_tokens)
+        if new_tokens != reference_tokens:
+            raise ValidationError(
+                f"{WHERE}: the fp32 ONNX model's greedy answer through {engine} differs from PyTorch's on the same "
+                f"prompt ids: {first_difference(reference_tokens, new_tokens, decode, 'PyTorch', 'ONNX')} "
+                f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {decode(new_tokens)!r})")
+        # Equal greedy tokens can hide a wrong graph (a small model's logits are close together or far apart
+        # by chance); fp32 logits agree to float rounding when the graph computes what PyTorch does.
+        expected, got = torch_model.next_logits(ids), candidate.next_logits(ids)
+        diff, allowed = float(np.max(np.abs(expected - got))), fp32_logits_tolerance(expected)
+        if not diff <= allowed:  # NaN fails too
+            worst = int(np.nanargmax(np.abs(expected - got))) if np.isfinite(got).any() else 0
+            raise ValidationError(
+                f"{WHERE}: the fp32 ONNX model's next-token logits through {engine} differ from PyTorch's by up to "
+                f"{diff:.3g} (allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
+                f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
+                f"model's config.json asks of PyTorch; check settings the builder may not support "
+                f"(rope_scaling, sliding_window, biases)")
+    return ValidationResult(prompt, len(ids), True, new_tokens, decode(new_tokens, skip_special_tokens=True),
+                            time.perf_counter() - start, reference_tokens, engine, batch_rows, genai_agrees)
+
+
+def _genai_prompt_ids(candidate, model_dir: Path, prompt: str) -> list[int]:
     try:
         tokenizer = candidate.tokenizer
     except RuntimeError as exc:
@@ -134,49 +225,28 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
                               f"onnxruntime-genai. Convert with -P exporter=optimum (onnxruntime with the "
                               f"transformers tokenizer), or give the model a tokenizer.json that "
                               f"onnxruntime-extensions reads (BPE)") from None
-    model = candidate.model
-    ids = candidate.encode(prompt)
-    if not ids:
-        raise ValidationError(f"{WHERE}: onnxruntime-genai's tokenizer encoded the prompt to no tokens")
-    reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    genai = json.loads((model_dir / "genai_config.json").read_text())["model"]
-    decode = hf_tokenizer.decode
-    check_prompt_ids(ids, reference, int(genai["vocab_size"]), decode, WHERE)
-    for text in DECODE_PROBES:
-        probe = list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
-        theirs, ours = hf_tokenizer.decode(probe, skip_special_tokens=True), tokenizer.decode(probe)
-        if theirs != ours:
-            raise ValidationError(f"{WHERE}: onnxruntime-genai decodes the ids of {text!r} as {ours!r}, "
-                                  f"transformers as {theirs!r}")
-    new_tokens = genai_greedy(model, [int(i) for i in ids], max_new_tokens)
-    if not new_tokens:
-        raise ValidationError(f"{WHERE}: the model generated no tokens")
-    reference_tokens = None
-    if compare_greedy:
-        from hf2mlflow.parity import TorchModel, without_eos
+    return [int(i) for i in tokenizer.encode(prompt)]
 
-        torch_model = TorchModel.from_folder(source_dir or model_dir)
-        reference_tokens = torch_model.greedy(ids, max_new_tokens)
-        eos = torch_model.eos_ids
-        if without_eos(new_tokens, eos) != reference_tokens:
+
+# The other rows of the validation batch: prompts of other lengths, so rows hold different positions.
+BATCH_MESSAGES = [[{"role": "user", "content": text}] for text in (
+    "Hi", "Name three primary colours.", "Translate 'good morning' into French, please.", "What is 12 times 12?",
+    "Write one sentence about the sea, the wind and the long grey coast in winter.", "Why is the sky blue?",
+    "List the planets of the solar system in order from the sun.")]
+
+
+def _check_batch(candidate, ids: list[int], lone: list[int], max_new_tokens: int, decode) -> int:
+    """The validation prompt as one row of a full batch of the served engine: every row's answer must be its lone
+    answer (a row never changes another's). Returns the number of rows."""
+    prompts = [ids] + [candidate.prompt_ids(m) for m in BATCH_MESSAGES][:candidate.max_batch - 1]
+    together = candidate.greedy_together(prompts, max_new_tokens)
+    for row, (prompt, answer) in enumerate(zip(prompts, together)):
+        alone = lone if row == 0 else candidate.greedy(prompt, max_new_tokens)
+        if answer != alone:
             raise ValidationError(
-                f"{WHERE}: the fp32 ONNX model's greedy answer differs from PyTorch's on the same prompt ids: "
-                f"{first_difference(reference_tokens, without_eos(new_tokens, eos), decode, 'PyTorch', 'ONNX')} "
-                f"(PyTorch: {decode(reference_tokens)!r}, ONNX: {tokenizer.decode(new_tokens)!r})")
-        # Equal greedy tokens can hide a wrong graph (a small model's logits are close together or far apart
-        # by chance); fp32 logits agree to float rounding when the graph computes what PyTorch does.
-        expected, got = torch_model.next_logits(ids), candidate.next_logits(ids)
-        diff, allowed = float(np.max(np.abs(expected - got))), fp32_logits_tolerance(expected)
-        if diff > allowed:
-            worst = int(np.argmax(np.abs(expected - got)))
-            raise ValidationError(
-                f"{WHERE}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
-                f"(allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
-                f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
-                f"model's config.json asks of PyTorch; check settings the builder may not support "
-                f"(rope_scaling, sliding_window, biases)")
-    return ValidationResult(prompt, len(ids), True, new_tokens, tokenizer.decode(new_tokens),
-                            time.perf_counter() - start, reference_tokens)
+                f"{WHERE}: the served engine's greedy answer to prompt {row} of a batch of {len(prompts)} differs "
+                f"from its answer alone: {first_difference(alone, answer, decode, 'alone', 'in the batch')}")
+    return len(prompts)
 
 
 def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: int = 8) -> ValidationResult:
@@ -210,8 +280,8 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
 
 
 def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = False) -> dict:
-    """Teacher-forced quality of `candidate` (parity.GenAIModel or OptimumModel) against the source model in
-    PyTorch float32 on the first tokens of the held-out text (hf2mlflow/quality.py); ValidationError, with
+    """Teacher-forced quality of `candidate` (parity.ServedModel, GenAIModel or OptimumModel) against the source
+    model in PyTorch float32 on the first tokens of the held-out text (hf2mlflow/quality.py); ValidationError, with
     the figures, when it falls below the target's quality floor."""
     from hf2mlflow.parity import TorchModel
     from hf2mlflow.quality import SLICE_TOKENS, SLICE_WINDOW, floor_problems, held_out_ids, logits_cache, \
