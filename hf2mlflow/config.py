@@ -328,6 +328,12 @@ class GateConfig(Strict):
         "share of prompts the model tokenizes as its source model does, at least this"))
     precisions: dict[Literal["fp32", "fp16", "bf16", "int8", "int4"], GateThresholds] = Field(
         default_factory=dict, description="thresholds by the model's precision")
+    waive: list[Literal["min_tokenizer_agreement", "max_mean_kld", "min_top1_agreement", "min_parity_identical_rate",
+                        "max_prompts_lost"]] = Field(default_factory=list, description=(
+        "checks this gate does not hold models to (listed as waived, and named in the version's `gate` tag); "
+        "every other check the gate names needs a measured figure, so a gate for evaluate with parity=false "
+        "waives the checks parity measures (min_tokenizer_agreement, max_mean_kld, min_top1_agreement, "
+        "min_parity_identical_rate)"))
 
 
 # What a sweep may vary: target keys as `section.key`, and whether a change needs a new conversion.

@@ -27,7 +27,7 @@ GIVE = ("give a log_pyfunc or log_transformers run ID, or a model URI (models:/n
 @dataclass
 class EvalModel:
     ref: str  # as the user gave it
-    uri: str
+    uri: str  # a registered model's alias resolved to its version, once
     name: str  # short name for metric keys and tables
     flavor: str  # "onnx" (onnxruntime-genai), "optimum-onnx" (onnxruntime through optimum) or "transformers"
     precision: str
@@ -68,6 +68,21 @@ def _model_info(uri: str):
         raise ConfigError(f"'{uri}' does not load: {type(exc).__name__}: {str(exc)[:300]}; {GIVE}") from None
 
 
+def _pin_alias(uri: str) -> str:
+    """models:/name@alias as models:/name/<the version the alias names now>: the version evaluated is the one the
+    gate promotes, though the alias moves meanwhile. Other URIs as given (an alias that names no version too:
+    loading it says why)."""
+    registered = REGISTERED.match(uri)
+    if not registered or not registered.group(2) or registered.group(1).startswith("m-"):
+        return uri
+    name, alias = registered.group(1), registered.group(2)
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return uri
+    return f"models:/{name}/{version.version}{uri[registered.end():]}"
+
+
 def resolve(ref: str, key: str = "models") -> EvalModel:
     """A chat model of this project by run ID or URI; errors name the parameter `key` it came from."""
     try:
@@ -80,7 +95,7 @@ def _resolve(ref: str) -> EvalModel:
     if RUN_ID.match(ref):
         uri = _uri_for_run(ref)
     elif ":/" in ref or os.path.isdir(ref):
-        uri = ref
+        uri = _pin_alias(ref)
     else:
         raise ConfigError(f"'{ref}' is neither a run ID (32 hex characters) nor a model URI; {GIVE}")
     info = _model_info(uri)

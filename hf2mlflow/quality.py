@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from hf2mlflow.thresholds import not_measured, within
+
 TEXT = "sources/data/held_out_english.txt"  # in the package; its source and license: sources/data/README.md
 EVALUATE_WINDOW = 256  # evaluate: the whole text
 SLICE_TOKENS, SLICE_WINDOW = 512, 128  # convert_onnx: a short slice, 4 windows (252 scored positions)
@@ -148,10 +150,18 @@ def teacher_forced(reference, candidate, ids: list[int], window: int = EVALUATE_
 
 
 def floor_problems(summary: dict, max_mean_kld: Optional[float], min_top1_agreement: Optional[float]) -> list[str]:
-    """What in a teacher-forced summary falls below a quality floor ([] when nothing does)."""
+    """What in a teacher-forced summary falls below a quality floor ([] when nothing does); a figure that is
+    missing or not finite falls below every floor."""
+    def unmeasured(name: str, value) -> str:
+        why = not_measured(value)
+        return f"{name} not measured ({why})" if why else ""
+
     problems = []
-    if max_mean_kld is not None and summary["mean_kld"] > max_mean_kld:
-        problems.append(f"mean KL divergence {summary['mean_kld']:.4g} > {max_mean_kld:g} allowed")
-    if min_top1_agreement is not None and summary["top1_agreement"] < min_top1_agreement:
-        problems.append(f"top-1 agreement {summary['top1_agreement']:.1%} < {min_top1_agreement:.1%} required")
+    kld, top1 = summary.get("mean_kld"), summary.get("top1_agreement")
+    if max_mean_kld is not None and not within(kld, max_mean_kld, greater_is_better=False):
+        problems.append(unmeasured("mean KL divergence", kld)
+                        or f"mean KL divergence {kld:.4g} > {max_mean_kld:g} allowed")
+    if min_top1_agreement is not None and not within(top1, min_top1_agreement, greater_is_better=True):
+        problems.append(unmeasured("top-1 agreement", top1)
+                        or f"top-1 agreement {top1:.1%} < {min_top1_agreement:.1%} required")
     return problems

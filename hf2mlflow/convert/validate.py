@@ -104,16 +104,20 @@ def first_difference(expected: list[int], got: list[int], decode, expected_name:
             f"{longer[i]} ({decode([longer[i]])!r}); lengths {len(expected)} and {len(got)}")
 
 
+def _cannot_load(engine: str, exc: Exception) -> ValidationError:
+    return ValidationError(f"{engine} cannot load the model the builder wrote ({exc}). For an int8 output layer "
+                           f"(precision int8, or matmul_mixed_precision last_matmul:int8) on a model with tied "
+                           f"embeddings, set builder_options.shared_embeddings: false in the target; otherwise try "
+                           f"another precision or -P exporter=optimum")
+
+
 def _open_genai(model_dir: Path):
     from hf2mlflow.parity import GenAIModel
 
     try:
         return GenAIModel(model_dir)
     except RuntimeError as exc:
-        raise ValidationError(f"onnxruntime-genai cannot load the model the builder wrote ({exc}). For an int8 output "
-                              f"layer (precision int8, or matmul_mixed_precision last_matmul:int8) on a model with "
-                              f"tied embeddings, set builder_options.shared_embeddings: false in the target; "
-                              f"otherwise try another precision or -P exporter=optimum") from None
+        raise _cannot_load("onnxruntime-genai", exc) from None
 
 
 def builder_candidate(model_dir: Path, execution_provider: str = "cpu", session_options: Optional[dict] = None):
@@ -125,9 +129,8 @@ def builder_candidate(model_dir: Path, execution_provider: str = "cpu", session_
 
     try:
         return ServedModel.from_folder(model_dir, session_options)
-    except Exception as exc:  # the tokenizer, the template or the graph: say which engine failed to open
-        raise ValidationError(f"the served engine cannot open the model the builder wrote: "
-                              f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # the tokenizer, the template or the graph: any of them stops serving
+        raise _cannot_load("the served engine (onnxruntime)", exc) from None
 
 
 def engine_name(candidate) -> str:
@@ -204,8 +207,8 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         if not diff <= allowed:  # NaN fails too
             worst = int(np.nanargmax(np.abs(expected - got))) if np.isfinite(got).any() else 0
             raise ValidationError(
-                f"{WHERE}: the fp32 ONNX model's next-token logits through {engine} differ from PyTorch's by up to "
-                f"{diff:.3g} (allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
+                f"{WHERE}: the fp32 ONNX model's next-token logits differ from PyTorch's by up to {diff:.3g} "
+                f"through {engine} (allowed {allowed:.3g}; worst at token {worst} ({decode([worst])!r}): PyTorch "
                 f"{expected[worst]:.4f}, ONNX {got[worst]:.4f}). The ONNX graph does not compute what the "
                 f"model's config.json asks of PyTorch; check settings the builder may not support "
                 f"(rope_scaling, sliding_window, biases)")

@@ -53,29 +53,38 @@ def _reference(model: EvalModel, references: dict):
 
 
 def _candidate(model: EvalModel, model_dir: Path):
-    """The logged model as parity and the teacher-forced measure read it."""
-    from hf2mlflow.parity import GenAIModel, OptimumModel, TorchModel
+    """The logged model as parity and the teacher-forced measure read it: through the engine it serves with (on
+    CPU the pyfunc's own engine, loaded as `mlflow models serve` loads it), and onnxruntime-genai over the same
+    files for the served engine's agreement with it (None where that is the engine itself, or not a builder
+    model)."""
+    from hf2mlflow.parity import GenAIModel, OptimumModel, ServedModel, TorchModel
 
     if model.flavor == "onnx":
         (genai_config,) = model_dir.rglob("genai_config.json")
-        return GenAIModel(genai_config.parent)
+        genai = GenAIModel(genai_config.parent)
+        config = mlflow.models.Model.load(str(model_dir)).flavors["python_function"].get("model_config") or {}
+        if config.get("execution_provider", "cpu") != "cpu":
+            return genai, None
+        engine = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().engine
+        return ServedModel(engine), genai
     if model.flavor == "optimum-onnx":
         (graph,) = model_dir.rglob("model.onnx")
-        return OptimumModel(graph.parent)
+        return OptimumModel(graph.parent), None
     pipeline = mlflow.transformers.load_model(str(model_dir))
-    return TorchModel(pipeline.model, pipeline.tokenizer)
+    return TorchModel(pipeline.model, pipeline.tokenizer), None
 
 
 def _compare_with_source(model: EvalModel, model_dir: Path, examples: list[Example], max_new_tokens: int,
                          references: dict) -> tuple[list, dict]:
-    """Greedy parity on the dataset's prompts, and the teacher-forced measure on the held-out text."""
+    """Greedy parity on the dataset's prompts (alone, and in full batches where the engine batches), and the
+    teacher-forced measure on the held-out text."""
     from hf2mlflow.parity import compare
     from hf2mlflow.quality import EVALUATE_WINDOW, held_out_ids, teacher_forced
 
     reference, cache = _reference(model, references)
-    candidate = _candidate(model, model_dir)
+    candidate, genai = _candidate(model, model_dir)
     with_logits = model.precision in ("fp32", "fp16")
-    results = compare(reference, candidate, [e.messages for e in examples], max_new_tokens, with_logits)
+    results = compare(reference, candidate, [e.messages for e in examples], max_new_tokens, with_logits, genai)
     print(f"[{STEP}] {model.name}: teacher-forced against the source model on the held-out text")
     quality = teacher_forced(reference, candidate, held_out_ids(reference), EVALUATE_WINDOW,
                              cache=cache, bos=reference.bos_id)
@@ -195,17 +204,31 @@ def _print_gate(verdicts: list) -> None:
                                                       f"NOT promoted: {'; '.join(verdict.reasons)}"))
 
 
+def _refuse_gate_without_parity(gate, args: EvaluateArgs) -> None:
+    """Without parity the gate's parity checks have no figures and would fail every model, so say so before any
+    work, unless the gate waives them."""
+    from hf2mlflow.evaluate.gate import unwaived_parity_checks
+
+    unmeasured = [] if args.parity else unwaived_parity_checks(gate)
+    if unmeasured:
+        raise ConfigError(
+            f"parity=false leaves gate '{gate.name}' without the figures of its checks {', '.join(unmeasured)}, so "
+            f"no model could pass: run with parity=true, give gate='' (no gate), or use a gate that lists those "
+            f"checks under `waive`")
+
+
 def evaluate(args: EvaluateArgs) -> str:
     """Validate every input, then evaluate each model; returns the evaluation run ID."""
     if args.max_new_tokens < 0 or args.limit < 0:
         raise ConfigError("max_new_tokens and limit must be 0 (the default) or positive")
     config, examples = load_dataset(args.dataset)
     examples = examples[:args.limit] if args.limit else examples
-    models = resolve_all(args.models)
     gate = None
     if args.gate:
         gate = load_gate(args.gate)
         check_alias(gate.alias)
+        _refuse_gate_without_parity(gate, args)
+    models = resolve_all(args.models)
     max_new_tokens = args.max_new_tokens or config.max_new_tokens
     # The local SQL store's connection pool cannot take mlflow.genai's default 10 threads exporting traces.
     os.environ.setdefault("MLFLOW_GENAI_EVAL_MAX_WORKERS", "2")

@@ -68,8 +68,9 @@ def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registe
     pyfunc = chain.step("log_pyfunc", {"convert_run_id": convert.run_id, "target": str(target),
                                        "registered_model_name": registered, "alias": f"point-{point.key}"},
                         {"convert_onnx": convert.run_id}, _sha256(target.read_bytes()))
-    evaluate = chain.step("evaluate", {"models": pyfunc.run_id, "dataset": args.dataset, "limit": args.eval_limit},
-                          {"log_pyfunc": pyfunc.run_id}, datasets)
+    # No promotion gate: a point is judged by the sweep's own bounds against its reference, not promoted alone.
+    evaluate = chain.step("evaluate", {"models": pyfunc.run_id, "dataset": args.dataset, "limit": args.eval_limit,
+                                       "gate": ""}, {"log_pyfunc": pyfunc.run_id}, datasets)
     client = mlflow.MlflowClient()
     (summary,) = mlflow.artifacts.load_dict(f"runs:/{evaluate.run_id}/comparison.json")
     examples = int(client.get_run(evaluate.run_id).data.params["examples"])

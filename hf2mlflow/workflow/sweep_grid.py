@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from hf2mlflow.config import SWEEP_KEYS, SweepConfig, Target
 from hf2mlflow.errors import ConfigError
+from hf2mlflow.thresholds import within
 
 REFERENCE = "reference"
 BASE = "base"
@@ -169,16 +170,18 @@ def within_bound(m: Measured, reference: Measured, config: SweepConfig) -> tuple
 
     lost = reference.prompts - m.prompts
     check(f"mean KLD {m.mean_kld:.3g}", bound.max_mean_kld,
-          bound.max_mean_kld is not None and m.mean_kld <= bound.max_mean_kld + 1e-12, "<=",
+          bound.max_mean_kld is not None and within(m.mean_kld, bound.max_mean_kld, False, 1e-12), "<=",
           f"{bound.max_mean_kld or 0:g}")
     check(f"top-1 agreement {m.top1_agreement:.1%}", bound.min_top1_agreement,
-          bound.min_top1_agreement is not None and m.top1_agreement >= bound.min_top1_agreement - 1e-9, ">=",
-          f"{bound.min_top1_agreement or 0:.1%}")
+          bound.min_top1_agreement is not None and within(m.top1_agreement, bound.min_top1_agreement, True, 1e-9),
+          ">=", f"{bound.min_top1_agreement or 0:.1%}")
     check(f"{bound.metric} {m.prompts:.1f}/{m.examples} against the reference's {reference.prompts:.1f}",
-          bound.max_prompts_lost, bound.max_prompts_lost is not None and lost <= bound.max_prompts_lost + 1e-9,
+          bound.max_prompts_lost,
+          bound.max_prompts_lost is not None and within(lost, bound.max_prompts_lost, False, 1e-9),
           "<=", f"{bound.max_prompts_lost} prompt(s) lost")
     check(f"greedy agreement with PyTorch {m.greedy_agreement:.0%}", bound.min_greedy_agreement,
-          bound.min_greedy_agreement is not None and m.greedy_agreement >= bound.min_greedy_agreement - 1e-9, ">=",
+          bound.min_greedy_agreement is not None
+          and within(m.greedy_agreement, bound.min_greedy_agreement, True, 1e-9), ">=",
           f"{bound.min_greedy_agreement or 0:.0%}")
     return all(oks), ", ".join(texts)
 

@@ -189,3 +189,18 @@ def test_every_shipped_gate_loads_with_a_valid_alias(name):
     gate = load_gate(name)
     assert gate.name == name and gate.precisions
     check_alias(gate.alias)
+
+
+def test_a_gate_waives_only_checks_it_knows_naming_the_allowed_ones(tmp_path):
+    from hf2mlflow.config import GateConfig, load_gate
+
+    assert GateConfig(name="g", waive=["max_mean_kld"]).waive == ["max_mean_kld"]
+    path = tmp_path / "my-gate.yaml"
+    path.write_text("waive: [max_mean_kld, max_kld]\n")
+    with pytest.raises(ConfigError) as err:
+        load_gate(str(path))
+    message = str(err.value)
+    assert "my-gate.yaml" in message and "waive" in message and "max_kld" in message
+    for allowed in ("min_tokenizer_agreement", "max_mean_kld", "min_top1_agreement", "min_parity_identical_rate",
+                    "max_prompts_lost"):
+        assert allowed in message

@@ -40,8 +40,8 @@ MODEL_ENV_IMPORTS = {
 STEPS = {"convert", "log_model", "evaluate", "batch", "workflow", "serve", "databricks", "azureml"}
 # What every step may import besides itself: the package root (PROJECT_ROOT, CONFIGS_DIR), the shared modules,
 # the model sources and the runtime.
-SHARED = {"config", "contract", "errors", "step_args", "tracking", "parity", "quality", "logged_models", "datasets",
-          "measure", "sources", "runtime", "cuda"}
+SHARED = {"config", "contract", "errors", "step_args", "tracking", "parity", "quality", "thresholds", "builder_graph",
+          "logged_models", "datasets", "measure", "sources", "runtime", "cuda"}
 
 
 def module_name(path: Path) -> str:
