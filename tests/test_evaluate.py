@@ -45,6 +45,11 @@ def test_fp32_onnx_and_transformers_agree_with_pytorch(evaluation):
     assert metrics["tiny-phi3-cpu-fp32-onnx.parity_logits_max_abs_diff"] < 1e-3
     assert metrics["tiny-phi3-cpu-fp32-transformers.parity_identical_rate"] == 1.0
     assert "tiny-phi3-cpu-int4-onnx.parity_logits_max_abs_diff" not in metrics  # logits only for fp32/fp16
+    # Through the served engine: alone and as rows of one batch, and beside onnxruntime-genai over the same files.
+    for name in ("tiny-phi3-cpu-fp32-onnx", "tiny-phi3-cpu-int4-onnx"):
+        assert metrics[f"{name}.batch_equals_alone_rate"] == 1.0 and metrics[f"{name}.genai_agreement_rate"] == 1.0
+    assert metrics["tiny-phi3-cpu-fp32-onnx.parity_identical_rate_batched"] == 1.0
+    assert "tiny-phi3-cpu-fp32-transformers.genai_agreement_rate" not in metrics
     # Teacher-forced on the held-out text: the fp32 models are the source model to float rounding; int4 is not.
     for name in ("tiny-phi3-cpu-fp32-onnx", "tiny-phi3-cpu-fp32-transformers"):
         assert metrics[f"{name}.mean_kld"] < 1e-3 and metrics[f"{name}.top1_agreement"] >= 0.99

@@ -136,3 +136,14 @@ def test_closing_a_sequence_frees_its_row_and_errors_reach_the_callers():
 def test_a_sequence_longer_than_the_context_is_refused_before_it_queues():
     with pytest.raises(ValueError, match="exceed the context length 512"):
         scheduler(FakeDecoder()).generate([1] * 500, 20, argmax)
+
+
+def test_sequences_queued_together_start_in_one_step_or_not_at_all():
+    decoder = FakeDecoder(step_seconds=0.002)
+    s = scheduler(decoder, max_batch=4, max_queue=1)
+    streams = s.generate_together([([i], 6, argmax) for i in range(1, 5)])
+    assert [list(t) for t in streams] == [expected(i, 6) for i in range(1, 5)]
+    assert decoder.steps[0] == [1, 2, 3, 4]  # the first decode step already carries every row
+    with pytest.raises(QueueFull):  # 6 > max_batch + max_queue: none of them is queued
+        s.generate_together([([i], 2, argmax) for i in range(1, 7)])
+    assert list(s.generate([7], 2, argmax)) == expected(7, 2)
