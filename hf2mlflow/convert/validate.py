@@ -177,9 +177,8 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         if theirs != ours:
             raise ValidationError(f"{WHERE}: {engine} decodes the ids of {text!r} as {ours!r}, "
                                   f"transformers as {theirs!r}")
+    # End of sequence left out: an answer that ends at once is empty, and right where PyTorch's is too.
     new_tokens = candidate.greedy(ids, max_new_tokens)
-    if not new_tokens:
-        raise ValidationError(f"{WHERE}: the model generated no tokens")
     batch_rows, genai_agrees = 1, None
     if served:
         batch_rows = _check_batch(candidate, ids, new_tokens, max_new_tokens, decode)
