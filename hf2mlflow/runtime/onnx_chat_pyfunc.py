@@ -108,18 +108,21 @@ class OnnxChatModel(PythonModel):
         if len(rows) != 1:
             raise _bad_request(ValueError(f"predict_stream takes one request, got {len(rows)}"))
         request = self._request(rows[0], params)
+        stream = self.engine.stream(request)
         try:
-            chunks = self.engine.stream(request)
-            first = next(chunks)  # prompt errors surface here, before anything is yielded
-        except ChatRequestError as exc:
-            raise _bad_request(exc) from None
-        except QueueFull as exc:
-            raise _busy(exc) from None
-        chunks = itertools.chain([first], chunks)
-        if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
-            yield from (text for c in chunks if (text := c["choices"][0]["delta"].get("content")))
-        else:
-            yield from chunks
+            try:
+                first = next(stream)  # prompt errors surface here, before anything is yielded
+            except ChatRequestError as exc:
+                raise _bad_request(exc) from None
+            except QueueFull as exc:
+                raise _busy(exc) from None
+            chunks = itertools.chain([first], stream)
+            if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
+                yield from (text for c in chunks if (text := c["choices"][0]["delta"].get("content")))
+            else:
+                yield from chunks
+        finally:
+            stream.close()  # the caller stopped reading (or it ended): the sequence leaves its row now
 
 
 mlflow.models.set_model(OnnxChatModel())
