@@ -230,8 +230,9 @@ def test_clients_that_disconnect_after_the_first_chunk_leave_the_model_idle(serv
         connection.request("POST", "/v1/chat/completions", long, {"Content-Type": "application/json"})
         response = connection.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")
-        connections.append(connection)
-    for connection in connections:
+        connections.append((connection, response))
+    for connection, response in connections:  # the client goes: its socket closes
+        response.close()
         connection.close()
     time.sleep(0.3)  # the server sees the disconnects
     after = min(latency() for _ in range(3))

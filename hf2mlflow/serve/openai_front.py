@@ -149,17 +149,18 @@ class ModelStream:
 
     def _produce(self, model, request: dict) -> None:
         with self._scope:
-            chunks = model.predict_stream(request)
             try:
-                for chunk in chunks:
-                    if self._scope.cancelled:
-                        return
-                    self._put(chunk)
+                chunks = model.predict_stream(request)
+                try:
+                    for chunk in chunks:
+                        if self._scope.cancelled:
+                            return
+                        self._put(chunk)
+                finally:
+                    chunks.close()  # in this thread, as MLflow's context variable needs
                 self._put(None)
             except Exception as exc:  # noqa: BLE001 - every failure is answered, in OpenAI's shape
                 self._put(exc)
-            finally:
-                chunks.close()  # in this thread, as MLflow's context variable needs
 
     async def next(self) -> Optional[dict]:
         """The next chunk, None after the last. A failure raises: before the first chunk it becomes the HTTP
