@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, QueueFull, concurrently
+from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, CancelScope, QueueFull, concurrently
 
 VOCAB = 10_000
 
@@ -188,6 +188,35 @@ def test_a_closed_or_dropped_stream_still_waiting_in_the_queue_is_dropped_unstar
     running.close()
     assert list(late) == expected(4, 3)
     assert decoder.prefills == [1, 4]  # 2 and 3 never took a row
+
+
+def test_a_cancel_scope_ends_from_another_thread_the_streams_its_thread_waits_on():
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder, max_batch=2)
+    running = s.generate([1], 400, argmax)
+    assert next(running) == 1000
+    scope, got = CancelScope(), []
+
+    def client():  # as a server's producer thread: blocked reading, it cannot close its streams itself
+        with scope:
+            decoding, queued = s.generate([2], 400, argmax), s.generate([3], 400, argmax)  # no row for 3
+            got.append(next(decoding))
+            got.extend(queued)
+            got.extend(decoding)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_until(lambda: got)  # 2 decodes and 3 waits for a row
+    scope.cancel()
+    held = steps_holding(decoder, 2)
+    thread.join(5)
+    assert not thread.is_alive() and got[0] == 2000
+    steps = len(decoder.steps)
+    wait_until(lambda: len(decoder.steps) > steps + 3)  # 1 decodes on
+    assert steps_holding(decoder, 2) <= held + 1
+    running.close()
+    assert list(s.generate([4], 2, argmax)) == expected(4, 2)
+    assert 3 not in decoder.prefills
 
 
 def failing_after(count: int, message: str = "probabilities contain NaN"):
