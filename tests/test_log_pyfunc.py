@@ -1,4 +1,5 @@
 import concurrent.futures
+import time
 from pathlib import Path
 
 import mlflow
@@ -96,7 +97,8 @@ def test_batch_and_concurrent_requests_are_independent(model):
 def test_a_late_request_starts_while_a_long_one_decodes_and_both_answer_as_alone(model):
     """Continuous batching: a request that arrives while a long answer streams is answered before that answer
     ends (it joined the running batch), and both answers are what each request gets alone."""
-    long = {"messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 1500}
+    story = [{"role": "user", "content": "Write a very long story about a dragon"}]  # 1500 tokens, greedy
+    long = {"messages": story, "max_tokens": 1500}
     late = {"messages": [{"role": "user", "content": "And briefly?"}], "max_tokens": 8}
     long_alone = model.predict(long)[0]["choices"][0]["message"]
     late_alone = model.predict(late)[0]["choices"][0]["message"]
@@ -113,6 +115,34 @@ def test_a_late_request_starts_while_a_long_one_decodes_and_both_answer_as_alone
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in streamed + rest)
     assert text == long_alone["content"]
     assert sum(steps for rows, steps in scheduler.batch_sizes.items() if rows == 2) > together_before
+
+
+def test_streams_closed_or_dropped_after_their_first_chunk_stop_decoding_at_once(model):
+    """As many long streams as the model takes (max_batch + max_queue), half closed and half dropped after their
+    first chunk (the role chunk: queued, no token read yet), leave the model idle and answering as fast as before."""
+    scheduler = model.unwrap_python_model().engine.scheduler
+    quick = {"messages": HELLO, "max_tokens": 8}
+
+    def latency() -> float:
+        started = time.perf_counter()
+        model.predict(quick)
+        return time.perf_counter() - started
+
+    idle = min(latency() for _ in range(3))
+    story = [{"role": "user", "content": "Write a very long story about a dragon"}]  # 1500 tokens, greedy
+    long = {"messages": story, "max_tokens": 1500}
+    streams = [model.predict_stream(long) for _ in range(40)]
+    assert all(next(stream)["choices"][0]["delta"]["role"] == "assistant" for stream in streams)
+    for stream in streams[::2]:
+        stream.close()
+    del streams, stream  # the others are dropped
+    time.sleep(0.2)  # a few decode steps at most
+    steps = sum(scheduler.batch_sizes.values())
+    time.sleep(0.3)
+    assert sum(scheduler.batch_sizes.values()) == steps, "closed streams are still decoding"
+    after = min(latency() for _ in range(3))
+    print(f"a quick request idle {idle * 1000:.0f} ms, after the 40 streams {after * 1000:.0f} ms")
+    assert after < 2 * idle + 0.2
 
 
 @pytest.mark.parametrize("request_body, expected", [

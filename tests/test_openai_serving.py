@@ -6,6 +6,8 @@
 """
 
 import concurrent.futures
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -205,6 +207,37 @@ def test_concurrent_streams_answer_as_alone(servers):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(streamed, questions)) == alone
+
+
+def test_clients_that_disconnect_after_the_first_chunk_leave_the_model_idle(servers):
+    """As many long streams as the model takes (max_batch + max_queue), each client gone after its first event (the
+    role chunk: most of them still queued): a new request is answered as fast as when idle, not refused (503) or
+    queued behind answers nobody reads."""
+    api, served = client(servers, "loaded"), servers["served"]
+    host, port = servers["url"]["loaded"].removeprefix("http://").split(":")
+
+    def latency() -> float:
+        started = time.perf_counter()
+        api.chat.completions.create(model=served, messages=HELLO, max_tokens=8)
+        return time.perf_counter() - started
+
+    idle = min(latency() for _ in range(3))
+    story = [{"role": "user", "content": "Write a very long story about a dragon"}]  # 1500 tokens, greedy
+    long = json.dumps({"model": served, "messages": story, "max_tokens": 1500, "stream": True})
+    connections = []
+    for _ in range(40):
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("POST", "/v1/chat/completions", long, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        connections.append((connection, response))
+    for connection, response in connections:  # the client goes: its socket closes
+        response.close()
+        connection.close()
+    time.sleep(0.3)  # the server sees the disconnects
+    after = min(latency() for _ in range(3))
+    print(f"a quick request idle {idle * 1000:.0f} ms, after the 40 streams {after * 1000:.0f} ms")
+    assert after < 2 * idle + 0.2
 
 
 def test_mlflow_gateway_in_front(servers):

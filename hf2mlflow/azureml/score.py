@@ -157,8 +157,13 @@ def run(request: AMLRequest):
             return model_error(exc)
         if first is None:
             return error(500, "INTERNAL_ERROR", "the model streamed nothing")
-        return Response(events(first, chunks), status=200, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache"})
+        response = Response(events(first, chunks), status=200, mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
+        # The server closes the response when the answer ends or the client goes (its write fails); closing the
+        # model's stream then frees its row in the batch, even before events() began (closing a generator that
+        # never started runs none of its code). It runs in this worker's thread, as MLflow's predict_stream needs.
+        response.call_on_close(chunks.close)
+        return response
     try:
         answers = model.predict(data, params=params)
     except Exception as exc:  # noqa: BLE001 - every failure is answered

@@ -54,9 +54,7 @@ class ChatEngine:
         try:
             yield from self._decode(tokens, request, done)
         finally:
-            close = getattr(tokens, "close", None)
-            if close:
-                close()  # frees the sequence's row in a batch at once
+            _close(tokens)
 
     def _decode(self, tokens: Iterator[int], request: ChatRequest, done: Completion) -> Iterator[str]:
         decode = self._text_decoder()
@@ -101,11 +99,21 @@ class ChatEngine:
         for index in range(request.n):
             completion = Completion()
             tokens = self._choice_tokens(prompt_ids, request, index)  # queued now: a full queue fails here
-            yield chunk(head.id, head.created, self.model_name, index, {"role": "assistant", "content": ""})
-            for text in self._deltas(tokens, request, completion):
-                yield chunk(head.id, head.created, self.model_name, index, {"content": text})
+            try:
+                yield chunk(head.id, head.created, self.model_name, index, {"role": "assistant", "content": ""})
+                for text in self._deltas(tokens, request, completion):
+                    yield chunk(head.id, head.created, self.model_name, index, {"content": text})
+            finally:
+                _close(tokens)  # closed at the role chunk, before _deltas began, it must still cancel the sequence
             head.choices.append(completion)
             last = chunk(head.id, head.created, self.model_name, index, {}, completion.finish_reason)
             if index == request.n - 1:
                 last["usage"] = head.to_dict()["usage"]
             yield last
+
+
+def _close(tokens: Iterator[int]) -> None:
+    """Stop generating `tokens`: a batched sequence leaves its row at the next step."""
+    close = getattr(tokens, "close", None)
+    if close:
+        close()

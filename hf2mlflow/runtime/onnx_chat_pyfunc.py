@@ -17,10 +17,10 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
-from hf2mlflow.runtime.batching import BatchLimits, QueueFull, concurrently
+from hf2mlflow.runtime.batching import BatchLimits, GenerationFailed, QueueFull, concurrently
 from hf2mlflow.runtime.chat_schema import ChatRequestError, parse_prompt_request, parse_request
 from hf2mlflow.runtime.manifest import verify_manifest
 
@@ -41,6 +41,12 @@ def _bad_request(exc: Exception) -> MlflowException:
 def _busy(exc: QueueFull) -> MlflowException:
     # TEMPORARILY_UNAVAILABLE is served as HTTP 503: the client may retry, unlike the scoring server's 504.
     return MlflowException(f"the model is busy: {exc}; retry later", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def _failed(exc: GenerationFailed) -> MlflowException:
+    # INTERNAL_ERROR is served as HTTP 500, with this message: the client learns what failed (the scoring servers
+    # answer other exceptions with a generic message).
+    return MlflowException(str(exc), error_code=INTERNAL_ERROR)
 
 
 def _engine(artifact_format: str, model_dir: Path, config: dict, limits: BatchLimits):
@@ -99,6 +105,8 @@ class OnnxChatModel(PythonModel):
             raise _bad_request(exc) from None
         except QueueFull as exc:
             raise _busy(exc) from None
+        except GenerationFailed as exc:
+            raise _failed(exc) from exc
         if self.interface == "prompt":
             return [r["choices"][0]["message"]["content"] for r in responses]
         return responses
@@ -108,18 +116,21 @@ class OnnxChatModel(PythonModel):
         if len(rows) != 1:
             raise _bad_request(ValueError(f"predict_stream takes one request, got {len(rows)}"))
         request = self._request(rows[0], params)
+        stream = self.engine.stream(request)
         try:
-            chunks = self.engine.stream(request)
-            first = next(chunks)  # prompt errors surface here, before anything is yielded
-        except ChatRequestError as exc:
-            raise _bad_request(exc) from None
-        except QueueFull as exc:
-            raise _busy(exc) from None
-        chunks = itertools.chain([first], chunks)
-        if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
-            yield from (text for c in chunks if (text := c["choices"][0]["delta"].get("content")))
-        else:
-            yield from chunks
+            try:
+                first = next(stream)  # prompt errors surface here, before anything is yielded
+            except ChatRequestError as exc:
+                raise _bad_request(exc) from None
+            except QueueFull as exc:
+                raise _busy(exc) from None
+            chunks = itertools.chain([first], stream)
+            if self.interface == "prompt":  # string in, strings out: the completion's text as it arrives
+                yield from (text for c in chunks if (text := c["choices"][0]["delta"].get("content")))
+            else:
+                yield from chunks
+        finally:
+            stream.close()  # the caller stopped reading (or it ended): the sequence leaves its row now
 
 
 mlflow.models.set_model(OnnxChatModel())

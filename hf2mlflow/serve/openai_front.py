@@ -19,17 +19,18 @@ schema, to one of two backends:
 from __future__ import annotations
 
 import argparse
-import itertools
+import asyncio
 import json
-import queue
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Optional
 
 import requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+
+from hf2mlflow.runtime.batching import CancelScope
 
 # OpenAI request fields passed to the model unchanged; the model validates their values.
 PASSED = ("messages", "temperature", "top_p", "top_k", "max_tokens", "stop", "n",
@@ -121,32 +122,56 @@ class LoadedModel:
             raise _model_error(exc) from None
         return response
 
-    def stream(self, request: dict) -> Iterator[dict]:
+    def stream(self, request: dict) -> "ModelStream":
         if not self.streams:
             raise OpenAIError(400, "this model does not stream (MLflow's transformers flavor has no predict_stream); "
                               "send stream=false", param="stream")
-        # MLflow's predict_stream sets and resets a context variable around the generator, so the whole
-        # generator must run in one thread; the server pulls chunks from other threads, so a queue joins them.
-        # Unbounded: a client that goes away leaves generation to finish (max_tokens bounds it), not to hang.
-        chunks: queue.Queue = queue.Queue()
+        return ModelStream(self.model, request)
 
-        def produce():
+
+class ModelStream:
+    """The chunks of one streamed answer. MLflow's predict_stream sets and resets a context variable around its
+    generator, so the whole generator runs in one thread of its own; the event loop awaits its chunks. close(),
+    when the client goes, stops it within a decode step: the thread's sequences are cancelled in the batch
+    scheduler (even while the thread waits for a token, or its sequence for a row) and the thread stops reading."""
+
+    def __init__(self, model, request: dict):
+        self._loop = asyncio.get_running_loop()
+        self._chunks: asyncio.Queue = asyncio.Queue()  # unbounded: the producer never waits for the client
+        self._scope = CancelScope()
+        threading.Thread(target=self._produce, args=(model, request), daemon=True).start()
+
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._chunks.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is stopping
+            self._scope.cancel()
+
+    def _produce(self, model, request: dict) -> None:
+        with self._scope:
             try:
-                for chunk in self.model.predict_stream(request):
-                    chunks.put((chunk, None))
-                chunks.put((None, None))
+                chunks = model.predict_stream(request)
+                try:
+                    for chunk in chunks:
+                        if self._scope.cancelled:
+                            return
+                        self._put(chunk)
+                finally:
+                    chunks.close()  # in this thread, as MLflow's context variable needs
+                self._put(None)
             except Exception as exc:  # noqa: BLE001 - every failure is answered, in OpenAI's shape
-                chunks.put((None, exc))
+                self._put(exc)
 
-        threading.Thread(target=produce, daemon=True).start()
-        while True:
-            chunk, error = chunks.get()
-            if error is not None:
-                # Before the first chunk this becomes the HTTP status; after it, an error event in the stream.
-                raise _model_error(error)
-            if chunk is None:
-                return
-            yield chunk
+    async def next(self) -> Optional[dict]:
+        """The next chunk, None after the last. A failure raises: before the first chunk it becomes the HTTP
+        status; after it, an error event in the stream."""
+        item = await self._chunks.get()
+        if isinstance(item, Exception):
+            raise _model_error(item)
+        return item
+
+    def close(self) -> None:
+        self._scope.cancel()
 
 
 class ModelServer:
@@ -174,7 +199,7 @@ class ModelServer:
             raise OpenAIError(502, f"the model server's answer is not one chat completion: {str(body)[:300]}")
         return answers[0]
 
-    def stream(self, request: dict) -> Iterator[dict]:
+    def stream(self, request: dict) -> ModelStream:
         raise OpenAIError(400, "streaming needs the model loaded in this server (start it with --model-uri): "
                           "mlflow models serve's /invocations answers only whole responses in MLflow 3.17",
                           param="stream")
@@ -208,18 +233,25 @@ def create_app(backend, served_name: str):
             response = await run_in_threadpool(backend.complete, request)
             return dict(response, model=served_name)  # OpenAI answers with the model the client named
         chunks = backend.stream(request)
-        first = await run_in_threadpool(next, chunks, None)  # a bad request fails here, still with its 4xx
+        try:
+            first = await chunks.next()  # a bad request fails here, still with its 4xx
+        except BaseException:
+            chunks.close()
+            raise
 
-        def events():
-            # Starlette runs this generator in a thread pool, so generation does not block the event loop.
-            usage, head = None, {}
+        async def events():
+            # Generation runs in the stream's own thread; this only awaits its chunks, so it can be cancelled at
+            # any await. Under uvicorn (ASGI spec 2.3), Starlette listens for the client's disconnect and cancels
+            # the response's task at once: the `finally` then stops generation, even while no chunk is coming.
+            usage, head, chunk = None, {}, first
             try:
-                for chunk in itertools.chain([first] if first is not None else [], chunks):
+                while chunk is not None:
                     usage = chunk.pop("usage", None) or usage
                     head = {k: chunk[k] for k in ("id", "object", "created")}
                     if include_usage:  # OpenAI's shape: null on every chunk, then one chunk with the usage
                         chunk["usage"] = None
                     yield f"data: {json.dumps(dict(chunk, model=served_name))}\n\n"
+                    chunk = await chunks.next()
                 if include_usage:
                     if usage is None:
                         raise OpenAIError(500, "the model's stream ended without token usage")
@@ -228,6 +260,8 @@ def create_app(backend, served_name: str):
                 error = exc if isinstance(exc, OpenAIError) else _model_error(exc)
                 yield f"data: {json.dumps(error.body())}\n\n"
                 return
+            finally:
+                chunks.close()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

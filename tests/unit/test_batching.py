@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, QueueFull, concurrently
+from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, CancelScope, QueueFull, concurrently
 
 VOCAB = 10_000
 
@@ -27,11 +27,13 @@ class FakeDecoder:
         self.gate.set()
         self.step_seconds = step_seconds
         self.steps: list[list[int]] = []  # per decode step, the first prompt id of each row
+        self.prefills: list[int] = []  # the first prompt id of each prefill
 
     def reserve(self, rows, positions, lengths):
         assert [self.rows[r][1] for r in range(len(lengths))] == lengths
 
     def prefill(self, row, prompt_ids):
+        self.prefills.append(prompt_ids[0])
         self.rows[row] = [prompt_ids[0], len(prompt_ids)]
         return one_hot(1000 * prompt_ids[0])
 
@@ -65,6 +67,17 @@ def scheduler(decoder, eos_ids=(), **limits):
 
 def expected(first: int, count: int) -> list[int]:
     return [1000 * first + k for k in range(count)]
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def steps_holding(decoder, first: int) -> int:
+    return sum(first in rows for rows in decoder.steps)
 
 
 def test_concurrent_sequences_decode_together_and_keep_their_own_tokens_and_lengths():
@@ -147,3 +160,132 @@ def test_sequences_queued_together_start_in_one_step_or_not_at_all():
     with pytest.raises(QueueFull):  # 6 > max_batch + max_queue: none of them is queued
         s.generate_together([([i], 2, argmax) for i in range(1, 7)])
     assert list(s.generate([7], 2, argmax)) == expected(7, 2)
+
+
+def test_a_stream_closed_or_dropped_before_its_first_token_frees_its_row_within_a_step():
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder)
+    for drop in (lambda stream: stream.close(), lambda stream: None):  # closed; dropped (garbage-collected)
+        decoder.steps.clear()
+        stream = s.generate([1], 400, argmax)
+        wait_until(lambda: steps_holding(decoder, 1) > 0)  # decoding, and nothing read yet
+        drop(stream)
+        del stream
+        held = steps_holding(decoder, 1)
+        wait_until(lambda: decoder.rows == {})  # the scheduler went idle
+        assert steps_holding(decoder, 1) <= held + 1  # at most the step under way when it was closed
+
+
+def test_a_closed_or_dropped_stream_still_waiting_in_the_queue_is_dropped_unstarted():
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder, max_batch=1, max_queue=2)
+    running = s.generate([1], 400, argmax)
+    assert next(running) == 1000
+    closed, dropped = s.generate([2], 400, argmax), s.generate([3], 400, argmax)
+    closed.close()
+    del dropped
+    late = s.generate([4], 3, argmax)  # the queue has room again at once
+    running.close()
+    assert list(late) == expected(4, 3)
+    assert decoder.prefills == [1, 4]  # 2 and 3 never took a row
+
+
+def test_a_cancel_scope_ends_from_another_thread_the_streams_its_thread_waits_on():
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder, max_batch=2)
+    running = s.generate([1], 400, argmax)
+    assert next(running) == 1000
+    scope, got = CancelScope(), []
+
+    def client():  # as a server's producer thread: blocked reading, it cannot close its streams itself
+        with scope:
+            decoding, queued = s.generate([2], 400, argmax), s.generate([3], 400, argmax)  # no row for 3
+            got.append(next(decoding))
+            got.extend(queued)
+            got.extend(decoding)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_until(lambda: got)  # 2 decodes and 3 waits for a row
+    scope.cancel()
+    held = steps_holding(decoder, 2)
+    thread.join(5)
+    assert not thread.is_alive() and got[0] == 2000
+    steps = len(decoder.steps)
+    wait_until(lambda: len(decoder.steps) > steps + 3)  # 1 decodes on
+    assert steps_holding(decoder, 2) <= held + 1
+    running.close()
+    assert list(s.generate([4], 2, argmax)) == expected(4, 2)
+    assert 3 not in decoder.prefills
+
+
+def failing_after(count: int, message: str = "probabilities contain NaN"):
+    """A chooser that picks greedily `count` times, then fails, as a sampler does on logits holding NaN."""
+    chosen = 0
+
+    def choose(logits):
+        nonlocal chosen
+        chosen += 1
+        if chosen > count:
+            raise ValueError(message)
+        return argmax(logits)
+
+    return choose
+
+
+def test_a_sampling_error_fails_only_its_own_sequence():
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder)
+    streams = s.generate_together([([1], 12, argmax), ([2], 12, failing_after(4)), ([3], 12, argmax),
+                                   ([4], 12, failing_after(0))])
+    assert list(streams[0]) == expected(1, 12) and list(streams[2]) == expected(3, 12)
+    got = []
+    with pytest.raises(RuntimeError, match="choosing the next token failed: ValueError: probabilities contain NaN"):
+        got.extend(streams[1])
+    assert got == expected(2, 4)  # its tokens up to the failure, then the failure
+    with pytest.raises(RuntimeError, match="probabilities contain NaN"):  # failing on its very first token
+        list(streams[3])
+    assert list(s.generate([5], 3, argmax)) == expected(5, 3)
+
+
+def test_a_prefill_error_fails_only_its_own_sequence():
+    class BadPrompt(FakeDecoder):
+        def prefill(self, row, prompt_ids):
+            if prompt_ids[0] == 13:
+                raise RuntimeError("this prompt broke the graph")
+            return super().prefill(row, prompt_ids)
+
+    decoder = BadPrompt(step_seconds=0.001)
+    s = scheduler(decoder)
+    running = s.generate([1], 30, argmax)
+    assert next(running) == 1000
+    joining = s.generate_together([([2], 10, argmax), ([13], 10, argmax), ([3], 10, argmax)])
+    assert [list(joining[0]), list(joining[2])] == [expected(2, 10), expected(3, 10)]
+    assert [1000, *running] == expected(1, 30)
+    with pytest.raises(RuntimeError, match="the prompt's prefill failed: RuntimeError: this prompt broke the graph"):
+        list(joining[1])
+
+
+def test_a_decode_error_fails_the_rows_of_that_step_and_the_scheduler_serves_on():
+    class BreaksOnce(FakeDecoder):
+        broken = False
+
+        def decode(self, tokens, lengths):
+            if len(self.steps) == 2 and not self.broken:
+                self.broken = True
+                raise RuntimeError("the runtime broke")
+            return super().decode(tokens, lengths)
+
+    decoder = BreaksOnce()
+    decoder.gate.clear()
+    s = scheduler(decoder, max_batch=2)
+    in_step = s.generate_together([([1], 50, argmax), ([2], 50, argmax)])
+    waiting = s.generate([3], 4, argmax)  # no row for it yet: it is not in the failing step
+    decoder.gate.set()
+    for stream, first in zip(in_step, (1, 2)):
+        got = []
+        with pytest.raises(RuntimeError, match="the decode step failed: RuntimeError: the runtime broke"):
+            got.extend(stream)
+        assert got == expected(first, 3)  # the prefill's token and two steps' worth
+    assert list(waiting) == expected(3, 4)
+    assert list(s.generate([4], 3, argmax)) == expected(4, 3)

@@ -5,8 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler
 from hf2mlflow.runtime.chat_engine import ChatEngine
 from hf2mlflow.runtime.chat_schema import ChatRequest, ChatRequestError
+from tests.unit.test_batching import FakeDecoder, argmax, steps_holding, wait_until
 
 HELLO = [{"role": "user", "content": "hi"}]
 EOS = None  # a piece that is the end-of-sequence token
@@ -128,6 +130,30 @@ def test_max_tokens_and_the_context_length_bound_the_answer():
     assert answered(["a"] * 50, max_tokens=4) == ("aaaa", "length", 4)
     with pytest.raises(ChatRequestError, match="the prompt is 10 tokens; this model's context length is 10"):
         ScriptedEngine(["a"], context_length=10, prompt=range(10)).chat(request())
+
+
+class BatchedEngine(ScriptedEngine):
+    """Its tokens come from a batch scheduler over tests/unit/test_batching.py's fake decoder (prompt 1, 2, 3: the
+    rows the fake records as 1)."""
+
+    def __init__(self):
+        super().__init__(["x"] * 1000)
+        self.decoder = FakeDecoder(step_seconds=0.001)
+        self.scheduler = BatchScheduler(self.decoder, BatchLimits(), self.context_length, set())
+
+    def _tokens(self, prompt_ids, request, seed, max_length):
+        return self.scheduler.generate(prompt_ids, max_length - len(prompt_ids), argmax)
+
+
+def test_a_stream_closed_right_after_its_role_chunk_cancels_its_sequence():
+    engine = BatchedEngine()
+    chunks = engine.stream(request(max_tokens=400))
+    assert next(chunks)["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # queued, nothing read
+    wait_until(lambda: steps_holding(engine.decoder, 1) > 0)
+    chunks.close()
+    held = steps_holding(engine.decoder, 1)
+    wait_until(lambda: engine.decoder.rows == {})  # the scheduler went idle
+    assert steps_holding(engine.decoder, 1) <= held + 1  # at most the step under way when it was closed
 
 
 def test_each_choice_gets_the_seed_plus_its_index():
