@@ -138,6 +138,8 @@ def genai_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
 class GenAIModel:
     """An onnxruntime-genai model folder (the ONNX artifacts of a logged pyfunc)."""
 
+    engine_name = "onnxruntime-genai"
+
     def __init__(self, path: Path):
         import onnxruntime_genai as og
 
@@ -182,6 +184,8 @@ class ServedModel:
     tokenizer it renders with, the decoder graph as it runs it, and the scheduler that batches rows. Its greedy
     answers and logits are the served engine's; `greedy_together` decodes prompts as rows of one batch."""
 
+    engine_name = "the served engine"
+
     def __init__(self, engine):
         self.engine = engine
         self.eos_ids = engine.eos_ids
@@ -199,9 +203,6 @@ class ServedModel:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The chat prompt's ids as the served model renders and tokenizes it."""
         return self.engine.tokenizer.encode_chat(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.engine.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text as the served model streams it: its incremental decoder, token by token."""

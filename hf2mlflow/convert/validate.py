@@ -133,12 +133,6 @@ def builder_candidate(model_dir: Path, execution_provider: str = "cpu", session_
         raise _cannot_load("the served engine (onnxruntime)", exc) from None
 
 
-def engine_name(candidate) -> str:
-    from hf2mlflow.parity import ServedModel
-
-    return "the served engine" if isinstance(candidate, ServedModel) else "onnxruntime-genai"
-
-
 def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: Optional[Path] = None,
                          compare_greedy: bool = False, candidate=None) -> ValidationResult:
     """Greedy-generate from a chat prompt made with the tokenizer's own chat template, through `candidate`
@@ -151,7 +145,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     reported for other precisions (`genai_agrees`)."""
     from transformers import AutoTokenizer
 
-    from hf2mlflow.parity import ServedModel, genai_greedy, without_eos
+    from hf2mlflow.parity import ServedModel
 
     start = time.perf_counter()
     hf_tokenizer = AutoTokenizer.from_pretrained(source_dir or model_dir)
@@ -159,7 +153,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
         raise ValueError(f"{source_dir or model_dir}: the tokenizer has no chat template, so the model cannot chat")
     prompt = hf_tokenizer.apply_chat_template(VALIDATION_MESSAGES, add_generation_prompt=True, tokenize=False)
     candidate = candidate or builder_candidate(model_dir)
-    engine = engine_name(candidate)
+    engine = candidate.engine_name
     served = isinstance(candidate, ServedModel)
     reference = list(hf_tokenizer(prompt, add_special_tokens=False)["input_ids"])
     decode = hf_tokenizer.decode
@@ -182,7 +176,7 @@ def validate_genai_model(model_dir: Path, max_new_tokens: int = 16, source_dir: 
     batch_rows, genai_agrees = 1, None
     if served:
         batch_rows = _check_batch(candidate, ids, new_tokens, max_new_tokens, decode)
-        genai_tokens = without_eos(genai_greedy(_open_genai(model_dir).model, ids, max_new_tokens), candidate.eos_ids)
+        genai_tokens = _open_genai(model_dir).greedy(ids, max_new_tokens)
         genai_agrees = genai_tokens == new_tokens
         if compare_greedy and not genai_agrees:
             raise ValidationError(
