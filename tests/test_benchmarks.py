@@ -328,18 +328,3 @@ def test_quality_kld_quick(tmp_path):
     assert rows["ours cpu-int4"]["mean_kld"] > rows["ours cpu-int8"]["mean_kld"] > rows["ours cpu-fp32"]["mean_kld"]
     assert "| ours cpu-int4 |" in (tmp_path / "quality_kld.md").read_text()
 
-
-@pytest.mark.slow
-def test_served_parity_quick(tmp_path):
-    """The served engine beside onnxruntime-genai and PyTorch on the dataset's prompts: fp32 gives onnxruntime-genai's
-    greedy tokens alone and in a batch that really decoded 8 rows together, and reads the held-out text as it does."""
-    proc = run_quick("served_parity.py", tmp_path)
-    results = json.loads((tmp_path / "served_parity.json").read_text())
-    assert list(results["targets"]) == ["cpu-fp32"] and results["prompts"] == 8
-    fp32 = results["targets"]["cpu-fp32"]
-    assert fp32["max_rows"] == 8
-    for key in ("served_vs_genai", "batch_vs_alone"):
-        assert fp32["greedy"][key]["differ"] == [], fp32["greedy"][key]
-    assert fp32["kld"]["served_vs_genai"]["mean_kld"] < 1e-6 and results["positions"] > 1000
-    table = (tmp_path / "served_parity.md").read_text()
-    assert "| served alone = onnxruntime-genai alone | 8/8 |" in table and table in proc.stdout
