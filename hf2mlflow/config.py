@@ -99,6 +99,9 @@ class Batching(Strict):
 
     max_batch: int = Field(8, ge=1, le=64, description="most sequences generated together; 1 turns batching off")
     max_queue: int = Field(32, ge=0, le=1024, description="sequences waiting behind a batch; beyond it, HTTP 503")
+    max_request_sequences: int = Field(256, ge=1, le=65536, description=(
+        "most sequences one request may ask for (its rows x n; they run up to max_batch at a time); beyond it, "
+        "HTTP 400"))
 
 
 class SessionOptions(Strict):

@@ -145,6 +145,19 @@ def test_streams_closed_or_dropped_after_their_first_chunk_stop_decoding_at_once
     assert after < 2 * idle + 0.2
 
 
+def test_a_request_that_fans_out_beyond_the_queue_waits_for_its_own_rows(model):
+    """8 rows x n=8 on an idle model are 64 sequences, more than max_batch + max_queue (40): the request's own
+    sequences wait for one another, and every choice is the row's lone answer. A request that could never be
+    served (rows x n beyond max_request_sequences) is refused at once."""
+    requests = [{"messages": [{"role": "user", "content": f"Question number {i}"}], "max_tokens": 3} for i in range(8)]
+    alone = [model.predict(r)[0]["choices"][0]["message"] for r in requests]
+    answers = model.predict(pd.DataFrame([{**r, "n": 8} for r in requests]))
+    assert [[c["message"] for c in a["choices"]] for a in answers] == [[m] * 8 for m in alone]
+    with pytest.raises(MlflowException, match=r"264 sequences \(33 rows x n\).*max_request_sequences 256") as refused:
+        model.predict(pd.DataFrame([{**requests[0], "n": 8}] * 33))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"  # HTTP 400
+
+
 @pytest.mark.parametrize("request_body, expected", [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
     ({"messages": HELLO, "max_tokens": -1}, "'max_tokens' must be between 1"),

@@ -70,8 +70,9 @@ def test_load_of_8_clients_no_errors_no_cross_talk_and_memory_levels_off(served_
 
 
 def test_a_full_queue_answers_503_at_once(logged, tmp_path):
-    """A model logged with room for 2 generating and 1 waiting: of 8 simultaneous requests, those beyond
-    answer 503 (busy, retry) without waiting, the others their normal answer, and no request sees a 504."""
+    """A model logged with room for 2 generating and 1 waiting: a lone request with n=8 answers all its choices;
+    of 8 simultaneous requests, those beyond answer 503 (busy, retry) without waiting, the others their normal
+    answer, and no request sees a 504."""
     target = tmp_path / "cpu-int4-small-queue.yaml"
     target.write_text(yaml.safe_dump({"name": "cpu-int4-small-queue", "execution_provider": "cpu",
                                       "precision": "int4", "batching": {"max_batch": 2, "max_queue": 1}}))
@@ -84,6 +85,9 @@ def test_a_full_queue_answers_503_at_once(logged, tmp_path):
                   "-p", str(port), "-w", "1"], log, env=env) as proc:
         wait_for_http(f"http://127.0.0.1:{port}/ping", proc, log, seconds=180)
         url = f"http://127.0.0.1:{port}/invocations"
+        # One request's own choices, more than the model holds at once, wait for one another on an idle server.
+        status, fanned_out = post(url, {"messages": [{"role": "user", "content": "Count"}], "max_tokens": 4, "n": 8})
+        assert status == 200 and len(_choices([fanned_out])[0]) == 8, fanned_out
         requests = [{"messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 400} for i in range(8)]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda r: post(url, r), requests))

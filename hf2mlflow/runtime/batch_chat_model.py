@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 
 import mlflow
 import pandas as pd
@@ -82,13 +83,17 @@ class BatchChatModel(PythonModel):
         self.model = mlflow.pyfunc.load_model(context.artifacts["model"])
         self.default_max_tokens = int(context.model_config.get("max_tokens") or 0)
         try:  # the ONNX pyfunc batches up to max_batch sequences; the transformers flavor answers one at a time
-            self.parallel = self.model.unwrap_python_model().limits.max_batch
+            onnx_model = self.model.unwrap_python_model()
+            self.parallel, self.admit = onnx_model.limits.max_batch, onnx_model.admit
         except Exception:  # noqa: BLE001 - not our pyfunc: no batching
-            self.parallel = 1
+            self.parallel, self.admit = 1, lambda sequences: nullcontext()
 
     def predict(self, context, model_input, params=None):
-        rows = concurrently(lambda text: json.dumps(answer_row(self.model, text, self.default_max_tokens)),
-                            list(model_input["request"]), self.parallel)
+        # The partition is one request to the model: its rows and their choices share the room it holds, and
+        # wait for one another rather than fail on a queue they fill themselves.
+        with self.admit(self.parallel):
+            rows = concurrently(lambda text: json.dumps(answer_row(self.model, text, self.default_max_tokens)),
+                                list(model_input["request"]), self.parallel)
         return pd.DataFrame({"result": rows})
 
 

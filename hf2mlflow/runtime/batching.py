@@ -9,6 +9,11 @@ length, or its caller closed or dropped its stream), and the last row moves into
 its sequence: a prompt's prefill or a row's choice of token fails that sequence alone; a decode step that fails
 fails the rows it carried. The scheduler goes on either way.
 
+A request that fans out (a DataFrame's rows, the `n` choices of each) is admitted as a whole (`admit`): it
+holds room for up to max_batch sequences while it runs, and its own sequences wait for one another there instead
+of failing on a queue they fill themselves; other clients meet a full queue (QueueFull) only when their own work
+does not fit beside what is already held.
+
 Every row chooses its own tokens (greedy, or sampled from its own seeded generator), and a prompt is always
 prefilled alone, so what a sequence generates does not depend on what else runs beside it.
 Pure Python: it ships with the logged pyfunc model.
@@ -21,7 +26,8 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from contextvars import ContextVar
+from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -56,10 +62,12 @@ class Sequence:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     cancelled: bool = False  # set by any thread; the worker reads it between steps
     finished: bool = False
+    ended: bool = False  # its caller was handed its last item
     error: GenerationFailed | None = None
     produced: int = 0
     length: int = 0
     last: int = -1
+    admission: Admission | None = None  # the request whose room it runs in; None: it takes queue room of its own
 
 
 class TokenStream:
@@ -95,27 +103,33 @@ class TokenStream:
 
 
 class CancelScope:
-    """Cancels from any thread the sequences queued inside `with scope:` (in the thread that entered it). A stream
-    waiting for its next token cannot be closed from another thread (a running generator refuses close()); a
-    server whose client went away cancels its scope instead, and the waiting stream ends within a step, even
-    while its sequence waits in the queue."""
+    """Cancels from any thread the sequences queued inside `with scope:` (in the thread that entered it, and in
+    the threads `concurrently` runs from there). A stream waiting for its next token cannot be closed from another
+    thread (a running generator refuses close()); a server whose client went away cancels its scope instead, and
+    the waiting stream ends within a step, even while its sequence waits in the queue. Cancelling a scope cancels
+    the scopes entered inside it too."""
 
     def __init__(self):
         self.cancelled = False
         self._sequences: list[Sequence] = []
         self._lock = threading.Lock()
+        self._parent: CancelScope | None = None
+        self._entered = threading.local()  # one scope may be entered in several threads at once
 
     def __enter__(self) -> CancelScope:
-        self._token = _scope.set(self)
+        self._parent = _scope.get()
+        self._entered.token = _scope.set(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _scope.reset(self._token)
+        _scope.reset(self._entered.token)
 
     def add(self, sequence: Sequence) -> None:
         with self._lock:
             sequence.cancelled = sequence.cancelled or self.cancelled
             self._sequences.append(sequence)
+        if self._parent is not None:
+            self._parent.add(sequence)
 
     def cancel(self) -> None:
         with self._lock:
@@ -127,10 +141,33 @@ class CancelScope:
 _scope: ContextVar[CancelScope | None] = ContextVar("hf2mlflow_cancel_scope", default=None)
 
 
+class Admission:
+    """The room one request holds in a scheduler while it runs: `slots` of its sequences queue or run at a time;
+    each next one waits for one of them to end."""
+
+    def __init__(self, scheduler: BatchScheduler, slots: int):
+        self.scheduler = scheduler
+        self.slots = slots
+        self._free = threading.Semaphore(slots)
+
+    def enter(self, count: int) -> None:
+        if count > self.slots:  # it would wait for itself forever
+            raise ValueError(f"{count} sequences queued together exceed the {self.slots} this request holds")
+        for _ in range(count):
+            self._free.acquire()
+
+    def leave(self) -> None:
+        self._free.release()
+
+
+_admission: ContextVar[Admission | None] = ContextVar("hf2mlflow_admission", default=None)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch: int = 8
     max_queue: int = 32
+    max_request_sequences: int = 256
 
 
 class BatchScheduler:
@@ -142,7 +179,8 @@ class BatchScheduler:
         self.eos_ids = set(eos_ids)
         self.name = name
         self._waiting: deque[Sequence] = deque()
-        self._running = 0
+        self._own: set[Sequence] = set()  # queued or running sequences outside any admission
+        self._held = 0  # room the open admissions hold
         self._ready = threading.Condition()
         # Decode steps by how many rows they carried: {rows: steps}. Read by tests and benchmarks.
         self.batch_sizes: Counter = Counter()
@@ -156,25 +194,71 @@ class BatchScheduler:
 
     def generate_together(self, requests: list[tuple[list[int], int, Callable]]) -> list[TokenStream]:
         """Queue several sequences (prompt ids, new tokens, chooser) at once, all or none: those that fit start
-        in the same step. Their tokens, one iterator each, as `generate` gives them."""
+        in the same step. Their tokens, one iterator each, as `generate` gives them. Inside `admit`, they wait
+        for room in the request's own instead."""
         sequences = []
         for prompt_ids, max_new_tokens, choose in requests:
             if len(prompt_ids) + max_new_tokens > self.context_length:
                 raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones exceed the context "
                                  f"length {self.context_length}")
             sequences.append(Sequence(list(prompt_ids), max_new_tokens, choose))
+        admission = _admission.get()
+        if admission is not None and admission.scheduler is self:
+            admission.enter(len(sequences))
+            for sequence in sequences:
+                sequence.admission = admission
         with self._ready:
-            # Cancelled sequences still queued take no room: the worker drops them at its next step.
-            waiting = sum(not s.cancelled for s in self._waiting)
-            if self._running + waiting + len(sequences) > self.limits.max_batch + self.limits.max_queue:
-                raise QueueFull(f"{self._running} sequences are generating and {waiting} waiting "
-                                f"(max_batch {self.limits.max_batch}, max_queue {self.limits.max_queue})")
+            if admission is None or admission.scheduler is not self:
+                self._check_room(len(sequences))
+                self._own.update(sequences)
             self._waiting.extend(sequences)
             self._ready.notify()
         scope = _scope.get()
         for sequence in sequences if scope else ():
             scope.add(sequence)
         return [TokenStream(sequence) for sequence in sequences]
+
+    def _check_room(self, count: int) -> None:
+        """QueueFull unless `count` more sequences fit beside those queued or running and the room admissions
+        hold. Called holding self._ready."""
+        # Cancelled sequences still queued take no room: the worker drops them at its next step.
+        own = sum(not s.cancelled for s in self._own)
+        if own + self._held + count > self.limits.max_batch + self.limits.max_queue:
+            raise QueueFull(f"{own} sequences are generating or waiting and requests hold room for {self._held} "
+                            f"more (max_batch {self.limits.max_batch}, max_queue {self.limits.max_queue})")
+
+    @contextmanager
+    def admit(self, sequences: int):
+        """Hold room for one request's `sequences` (its rows x n) while it runs: up to max_batch of them queue at
+        a time, and each next one waits for one of its own to end, so a request never fails on a queue it fills
+        itself. QueueFull, at once, when other work leaves no room for it. Inside another admission to this
+        scheduler (batch inference admits its partition, then each row's request), it joins that one."""
+        if (outer := _admission.get()) is not None and outer.scheduler is self:
+            yield outer
+            return
+        slots = max(1, min(sequences, self.limits.max_batch))
+        with self._ready:
+            self._check_room(slots)
+            self._held += slots
+        token = _admission.set(admission := Admission(self, slots))
+        try:
+            yield admission
+        finally:
+            _admission.reset(token)
+            with self._ready:
+                self._held -= slots
+
+    def _end(self, sequence: Sequence, item) -> None:
+        """Hand `sequence` its last item (_DONE, or its error) and give back the room it took."""
+        if sequence.ended:
+            return
+        sequence.ended = True
+        sequence.out.put(item)
+        if sequence.admission is not None:
+            sequence.admission.leave()
+        else:
+            with self._ready:
+                self._own.discard(sequence)
 
     @staticmethod
     def _fail(sequence: Sequence, what: str, exc: Exception) -> None:
@@ -204,7 +288,7 @@ class BatchScheduler:
             logits = self.decoder.prefill(len(running), sequence.prompt_ids)
         except Exception as exc:
             self._fail(sequence, "the prompt's prefill", exc)
-            sequence.out.put(sequence.error)
+            self._end(sequence, sequence.error)
             return
         sequence.length = len(sequence.prompt_ids)
         running.append(sequence)
@@ -232,26 +316,27 @@ class BatchScheduler:
                 if row < len(running):
                     self.decoder.move(len(running), row, last.length)
                     running[row] = last
-                sequence.out.put(sequence.error or _DONE)
+                self._end(sequence, sequence.error or _DONE)
 
     def _work(self) -> None:
         running: list[Sequence] = []
         together, since = 0, time.perf_counter()  # how many decoded together, since when (for the log)
         while True:
             with self._ready:
-                for sequence in [s for s in self._waiting if s.cancelled]:
+                dropped = [s for s in self._waiting if s.cancelled]
+                for sequence in dropped:
                     self._waiting.remove(sequence)
-                    sequence.out.put(_DONE)
-                while not self._waiting and not running:
+                while not self._waiting and not running and not dropped:
                     self._ready.wait()
                 joining = []
                 while self._waiting and len(running) + len(joining) < self.limits.max_batch:
                     joining.append(self._waiting.popleft())
-                self._running = len(running) + len(joining)
+            for sequence in dropped:
+                self._end(sequence, _DONE)
             try:
                 for sequence in joining:
                     if sequence.cancelled:
-                        sequence.out.put(_DONE)
+                        self._end(sequence, _DONE)
                     else:
                         self._start(sequence, running)
                 self._retire(running)
@@ -260,7 +345,7 @@ class BatchScheduler:
                     self._retire(running)
             except BaseException as exc:  # the callers raise it; the scheduler goes on
                 for sequence in running + joining:
-                    sequence.out.put(exc)
+                    self._end(sequence, exc)
                 running = []
             if len(running) != together:
                 if together > 1:
@@ -269,16 +354,27 @@ class BatchScheduler:
                 together, since = len(running), time.perf_counter()
             if not running:
                 self.decoder.release()
-                with self._ready:
-                    self._running = 0
 
 
 def concurrently(function: Callable, items: list, max_workers: int) -> list:
-    """[function(item) for item in items], run in up to `max_workers` threads so that their generations can
-    share batches; the first exception is raised."""
+    """[function(item) for item in items], run in up to `max_workers` threads (each in a copy of the caller's
+    context: its admission and cancel scope) so that their generations can share batches. The first exception is
+    raised, and once one item fails the sequences the others queued are cancelled: their answers would be thrown
+    away."""
+    scope = CancelScope()
+
+    def run(item):
+        with scope:
+            try:
+                return function(item)
+            except BaseException:
+                scope.cancel()
+                raise
+
     if len(items) <= 1 or max_workers <= 1:
-        return [function(item) for item in items]
+        return [run(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(len(items), max_workers), thread_name_prefix="row") as pool:
-        return list(pool.map(function, items))
+        futures = [pool.submit(copy_context().run, run, item) for item in items]
+        return [future.result() for future in futures]

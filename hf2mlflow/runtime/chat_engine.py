@@ -8,6 +8,7 @@ Pure Python: it ships with the logged pyfunc model.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 from hf2mlflow.runtime.batching import concurrently
@@ -35,6 +36,11 @@ class ChatEngine:
     def _text_decoder(self) -> Callable[[int], str]:
         """A fresh incremental decoder: token -> the text it completes ('' while a character is incomplete)."""
         raise NotImplementedError
+
+    def admit(self, sequences: int):
+        """A context in which one request's `sequences` run: room held for them where the engine queues
+        (SlotChatEngine); nothing to hold where it does not."""
+        return nullcontext()
 
     def encode(self, request: ChatRequest) -> list[int]:
         """The request's prompt ids: its raw prompt as it is, or its messages through the chat template."""

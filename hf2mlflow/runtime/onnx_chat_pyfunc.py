@@ -82,8 +82,8 @@ class OnnxChatModel(PythonModel):
         self.defaults = config["generation"]
         self.interface = config["interface"]
         batching = config.get("batching", {})
-        self.limits = BatchLimits(max_batch=int(batching.get("max_batch", BatchLimits.max_batch)),
-                                  max_queue=int(batching.get("max_queue", BatchLimits.max_queue)))
+        self.limits = BatchLimits(**{name: int(batching.get(name, getattr(BatchLimits, name)))
+                                     for name in ("max_batch", "max_queue", "max_request_sequences")})
         self.engine = _engine(config.get("artifact_format", "onnxruntime-genai"), model_dir, config, self.limits)
         if hasattr(self.engine, "scheduler"):
             print(f"[batching] up to {self.limits.max_batch} sequences generate together, {self.limits.max_queue} "
@@ -97,10 +97,22 @@ class OnnxChatModel(PythonModel):
         except ChatRequestError as exc:
             raise _bad_request(exc) from None
 
+    def admit(self, sequences: int):
+        """Room for one request's `sequences` (rows x n) while it runs (batching.BatchScheduler.admit); QueueFull
+        when other work leaves none."""
+        return self.engine.admit(sequences)
+
     def predict(self, context, model_input, params=None):
         requests = [self._request(row, params) for row in _rows(model_input)]
+        sequences = sum(r.n for r in requests)
+        if sequences > self.limits.max_request_sequences:  # it would hold the model longer than any client waits
+            raise _bad_request(ValueError(
+                f"this request asks for {sequences} sequences ({len(requests)} rows x n); this model takes at most "
+                f"max_request_sequences {self.limits.max_request_sequences} in one request (the target's batching "
+                f"settings): split it"))
         try:
-            responses = concurrently(self.engine.chat, requests, self.limits.max_batch)
+            with self.admit(sequences):
+                responses = concurrently(self.engine.chat, requests, self.limits.max_batch)
         except ChatRequestError as exc:
             raise _bad_request(exc) from None
         except QueueFull as exc:

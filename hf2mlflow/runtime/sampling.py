@@ -20,7 +20,9 @@ def sampler(request: ChatRequest, seed: Optional[int]) -> Callable[[np.ndarray],
     rng = np.random.default_rng(seed)
 
     def choose(logits: np.ndarray) -> int:
-        scores = logits.astype(np.float64) / request.temperature
+        scores = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the top score to -inf: the argmax
+            scores = (scores - scores.max()) / request.temperature
         if request.top_k:
             k = min(request.top_k, scores.size)
             scores[scores < np.partition(scores, -k)[-k]] = -np.inf

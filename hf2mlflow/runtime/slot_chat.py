@@ -37,6 +37,9 @@ class SlotChatEngine(ChatEngine):
         self.scheduler = BatchScheduler(self.decoder, limits, self.context_length, self.eos_ids,
                                         name=f"batching {model_name}")
 
+    def admit(self, sequences: int):
+        return self.scheduler.admit(sequences)
+
     def _encode(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
 

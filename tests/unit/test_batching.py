@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, CancelScope, QueueFull, concurrently
+from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, CancelScope, GenerationFailed, QueueFull, concurrently
 
 VOCAB = 10_000
 
@@ -289,3 +289,55 @@ def test_a_decode_error_fails_the_rows_of_that_step_and_the_scheduler_serves_on(
         assert got == expected(first, 3)  # the prefill's token and two steps' worth
     assert list(waiting) == expected(3, 4)
     assert list(s.generate([4], 3, argmax)) == expected(4, 3)
+
+
+def test_an_admitted_request_fans_out_beyond_the_queue_and_keeps_its_room():
+    """A request's own sequences (rows x n) wait for one another instead of failing on a queue they fill
+    themselves; the room it holds (max_batch rows) is not given to other clients, who get QueueFull beyond it."""
+    decoder = FakeDecoder(step_seconds=0.001)
+    decoder.gate.clear()
+    s = scheduler(decoder, max_batch=2, max_queue=1)
+    results = {}
+
+    def request():
+        with s.admit(6):
+            results["tokens"] = concurrently(lambda i: list(s.generate([i], 3, argmax)), list(range(1, 7)), 6)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    wait_until(lambda: decoder.prefills)
+    time.sleep(0.2)
+    assert len(decoder.prefills) <= 2  # at most two run (the decoder is held); the others wait in the request
+    other = s.generate([7], 2, argmax)  # the one place left beside the request's two
+    with pytest.raises(QueueFull):
+        s.generate([8], 2, argmax)
+    with pytest.raises(QueueFull, match=r"max_batch 2, max_queue 1"):
+        with s.admit(2):
+            pass
+    decoder.gate.set()
+    thread.join(10)
+    assert results["tokens"] == [expected(i, 3) for i in range(1, 7)]
+    assert list(other) == expected(7, 2)
+    assert max(len(rows) for rows in decoder.steps) <= 2
+    with s.admit(3):  # all the room is free again, and an admission inside another one joins it
+        with s.admit(3):
+            assert concurrently(lambda i: list(s.generate([i], 2, argmax)), [1, 2, 3], 3) == [
+                expected(i, 2) for i in (1, 2, 3)]
+
+
+def test_a_failing_item_cancels_the_sequences_its_siblings_queued():
+    """concurrently: once one item fails, the others' sequences are cancelled (their answers would be thrown
+    away), within a step."""
+    decoder = FakeDecoder(step_seconds=0.001)
+    s = scheduler(decoder, max_batch=4)
+
+    def item(i):
+        if i == 0:
+            wait_until(lambda: steps_holding(decoder, 1) > 0)
+            raise GenerationFailed("this row failed")
+        return list(s.generate([i], 400, argmax))
+
+    with pytest.raises(GenerationFailed, match="this row failed"):
+        concurrently(item, [0, 1, 2], 3)
+    assert steps_holding(decoder, 1) < 100
+    wait_until(lambda: decoder.rows == {})

@@ -100,3 +100,11 @@ def test_a_draw_is_never_outside_the_top_k_or_the_top_p_mass(logits, temperature
     probs = softmax([x / temperature for x in kept])
     more_likely = sum(p for x, p in zip(kept, probs) if x > logits[token])
     assert more_likely < top_p or math.isclose(more_likely, top_p, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30])
+def test_a_temperature_near_zero_samples_the_argmax_instead_of_failing(temperature):
+    """Dividing the logits by a denormal temperature overflows; the limit of sampling is the argmax."""
+    logits = [1.0, 3.0, 2.9, -1.0]
+    assert draws(logits, 20, temperature=temperature) == [1] * 20
+    assert draws(logits, 20, temperature=temperature, top_k=2, top_p=0.5) == [1] * 20
