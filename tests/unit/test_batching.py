@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from hf2mlflow.runtime.batching import BatchLimits, BatchScheduler, CancelScope, GenerationFailed, QueueFull, concurrently
+from hf2mlflow.runtime.batching import (BatchLimits, BatchScheduler, CancelScope, GenerationFailed, QueueFull,
+                                        concurrently)
 
 VOCAB = 10_000
 
