@@ -5,6 +5,8 @@
     <!-- quantization:begin --> ... <!-- quantization:end -->  benchmarks/quantization_sweep.py
     <!-- sweep:begin --> ... <!-- sweep:end -->                benchmarks/sweep_report.py (a `sweep` run)
     <!-- served_speed:begin --> ... <!-- served_speed:end -->  benchmarks/served_speed.py
+    <!-- llama_cpp_peer:begin --> ... <!-- llama_cpp_peer:end -->  benchmarks/llama_cpp_peer.py
+    <!-- op_profile:begin --> ... <!-- op_profile:end -->      benchmarks/op_profile.py
 
 Only the text between a block's markers changes; the prose around it is written by hand.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PERFORMANCE_DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-SECTIONS = ("benchmarks", "batching", "quantization", "sweep", "served_speed")
+SECTIONS = ("benchmarks", "batching", "quantization", "sweep", "served_speed", "llama_cpp_peer", "op_profile")
 
 
 def update_docs(table: str, section: str = "benchmarks", path: Path = PERFORMANCE_DOC) -> None:

@@ -19,7 +19,10 @@ float weights (those the Q4_1 file encodes), and each quantizes them its own way
 
 What is measured, per runtime, in fresh processes (one spawned process per runtime and round; rounds interleave
 the runtimes, A, B, C, A, B, C, after one warm-up process each), with the same thread count on both sides
-(llama.cpp's n_threads and n_threads_batch, onnxruntime's intra_op_num_threads): load time; time to first token
+(llama.cpp's n_threads and n_threads_batch, onnxruntime's intra_op_num_threads). Our models run in
+hf2mlflow.measure's BareGenAIRunner, the bare onnxruntime-genai loop benchmarks/served_speed.py times too, with
+the served engine's session options (the logged model's model_config), its thread count the one llama.cpp gets.
+Measured: load time; time to first token
 (prefill and the first greedy token) for chat prompts of about 64 and 1024 tokens; decode tokens/s over
 `--max-tokens` greedy tokens after the first (end of sequence ignored, so every runtime decodes the same count)
 for "What is the capital of France?" rendered by each runtime's own chat template; peak RSS of the process
@@ -54,7 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf2mlflow.measure import decode_rate, peak_rss_bytes  # noqa: E402
+from hf2mlflow.measure import (BareGenAIRunner, decode_rate, logged_session_options, peak_rss_bytes,  # noqa: E402
+                               timed_tokens)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -200,21 +204,15 @@ def onnx_runtimes(targets: list[str], work: Path, log=print) -> list[dict]:
 
 def onnx_runtime(name: str, path: Path, weights: str) -> dict:
     """An ONNX runtime entry for a downloaded pyfunc folder or a bare onnxruntime-genai folder; the session
-    options of its MLmodel's model_config, if any."""
-    import yaml
-
+    options of its MLmodel's model_config, if any (what the served engine opens the graph with)."""
     from hf2mlflow.runtime.manifest import folder_bytes
 
     configs = sorted(Path(path).rglob("genai_config.json"))
     if not configs:
         raise SystemExit(f"{path}: no genai_config.json under it; not an onnxruntime-genai model folder")
     folder = configs[0].parent
-    session_options = {}
-    if (path / "MLmodel").is_file():
-        flavor = yaml.safe_load((path / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
-        session_options = dict((flavor.get("model_config") or {}).get("session_options") or {})
     return {"name": name, "kind": "onnx", "path": str(folder), "weights": weights, "size_bytes": folder_bytes(folder),
-            "session_options": session_options}
+            "session_options": logged_session_options(Path(path))}
 
 
 def extra_onnx(specs: list[str], work: Path) -> list[dict]:
@@ -278,73 +276,17 @@ class LlamaRunner:
         return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
 
 
-def timed_tokens(tokens, start: float, is_end, max_tokens: int) -> tuple[float, float, list[int]]:
-    """Take up to `max_tokens` from a runtime's token stream (stopping before an end token where `is_end` is
-    given): (seconds from `start` to the first token, to the last, the tokens)."""
-    out, first = [], 0.0
-    for token in tokens:
-        if not out:
-            first = time.perf_counter() - start
-        if is_end is not None and is_end(token):
-            break
-        out.append(token)
-        if len(out) >= max_tokens:
-            break
-    return first, time.perf_counter() - start, out
-
-
 def command_line(script: str, argv) -> str:
     """The command as run, for the results (without --update-docs, which changes no figure)."""
     given = sys.argv[1:] if argv is None else argv
     return f"python benchmarks/{script}" + "".join(f" {shlex.quote(a)}" for a in given if a != "--update-docs")
 
 
-class OnnxRunner:
-    """onnxruntime-genai on the folder, opened with hf2mlflow.runtime.genai_chat.open_model (the logged model's
-    session options, intra_op_num_threads set to the thread count)."""
-
-    def __init__(self, path: str, session_options: dict):
-        import onnxruntime_genai as og
-
-        from hf2mlflow.runtime.genai_chat import open_model
-        from hf2mlflow.runtime.slot_chat import eos_ids
-
-        self.og = og
-        self.model = open_model(Path(path), session_options)
-        self.tokenizer = og.Tokenizer(self.model)
-        self.eos = eos_ids(json.loads((Path(path) / "genai_config.json").read_text()))
-
-    def encode(self, messages: list[dict]) -> list[int]:
-        prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-        return [int(t) for t in self.tokenizer.encode(prompt)]
-
-    def generate(self, ids: list[int], max_tokens: int, stop_at_end: bool) -> tuple[float, float, list[int]]:
-        og = self.og
-        start = time.perf_counter()
-        params = og.GeneratorParams(self.model)
-        options = {"max_length": len(ids) + max_tokens, "do_sample": False}
-        if not stop_at_end:
-            options["min_length"] = len(ids) + max_tokens  # end of sequence masked: the same count as llama.cpp
-        params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)
-
-        def tokens():
-            while not generator.is_done():
-                generator.generate_next_token()
-                yield int(generator.get_next_tokens()[0])
-
-        return timed_tokens(tokens(), start, self.eos.__contains__ if stop_at_end else None, max_tokens)
-
-    def text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens) if tokens else ""
-
-
 def open_runner(runtime: dict, threads: int, n_ctx: int = 2048):
     if runtime["kind"] == "llama":
         return LlamaRunner(runtime["path"], threads, n_ctx)
-    # The logged model's session options (allow_spinning), its thread count replaced by the one llama.cpp gets.
-    return OnnxRunner(runtime["path"], {**runtime.get("session_options", {}), "intra_op_num_threads": threads})
+    # The served engine's session options, its thread count replaced by the one llama.cpp gets.
+    return BareGenAIRunner(runtime["path"], runtime.get("session_options"), threads)
 
 
 def measure(runtime: dict, threads: int, max_tokens: int, length_prompts: list[list[dict]], chat: list[dict]) -> dict:
@@ -581,7 +523,10 @@ def table(results: dict) -> str:
         f"{results['threads']} threads on both sides: {results['model']}, greedy, {results['max_tokens']} new tokens "
         f"for decode (end of sequence ignored), time to first token for chat prompts of about "
         f"{' and '.join(str(n) for n in results['lengths'])} tokens, {results['rounds']} interleaved rounds of fresh "
-        f"processes after a warm-up; medians with min-max. Versions: "
+        f"processes after a warm-up; medians with min-max; harness: hf2mlflow/measure.py (first token: a one-token "
+        f"request; decode: the tokens after it). The onnx rows are the bare onnxruntime-genai loop "
+        f"(hf2mlflow.measure.BareGenAIRunner) with each logged model's session options and "
+        f"{results['threads']} intra-op threads. Versions: "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".")
     add("")
     lens = [str(n) for n in results["lengths"]]

@@ -7,7 +7,8 @@ llama.cpp, on the same trained weights.
     python benchmarks/op_profile.py --onnx-model fp32=/path/to/onnx/folder --no-llama
 
 ONNX side: onnxruntime's own profiler, switched on through genai_config's decoder session option
-`enable_profiling` (a file prefix; og.Config(folder).overlay(...)), with intra_op_num_threads = --threads. The
+`enable_profiling` (a file prefix; og.Config(folder).overlay(...)), with the session options of
+hf2mlflow.measure's bare runner (the logged model's, intra_op_num_threads = --threads). The
 Chrome trace it writes when the session closes holds one `model_run` event per forward pass and one event per
 kernel run; kernels are summed per op type (op_name), split into prefill (the first forward pass: the prompt) and
 decode (the others, one per generated token after the first).
@@ -52,16 +53,18 @@ TOP = 12  # op types per table; the rest are summed in one row
 # onnxruntime-genai
 
 
-def onnx_profile(folder: str, threads: int, tokens: int, messages: list[dict], prefix: str) -> dict:
-    """Greedy generation of `tokens` tokens with onnxruntime's profiler on; returns the wall times and the path of
-    the trace. In a fresh process."""
+def onnx_profile(folder: str, session_options: dict, threads: int, tokens: int, messages: list[dict],
+                 prefix: str) -> dict:
+    """Greedy generation of `tokens` tokens with onnxruntime's profiler on, the session options those of
+    hf2mlflow.measure's bare runner; returns the wall times and the path of the trace. In a fresh process."""
     import onnxruntime_genai as og
 
+    from hf2mlflow.measure import bare_session_options
     from hf2mlflow.runtime.genai_chat import genai_session_options
 
     def model(profile: bool):
         config = og.Config(folder)
-        options = genai_session_options({"intra_op_num_threads": threads})
+        options = genai_session_options(bare_session_options(session_options, threads))
         if profile:
             options["enable_profiling"] = prefix
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
@@ -284,8 +287,8 @@ def main(argv=None) -> dict:
         for r in runtimes:
             print(f"[profile] {r['name']}: onnxruntime profiler, {args.tokens} tokens", flush=True)
             wait_until_idle()
-            got = quiet_fresh(onnx_profile, r["path"], args.threads, args.tokens, CHAT,
-                              str(tmp / f"ort-{len(profiles)}"))
+            got = quiet_fresh(onnx_profile, r["path"], r.get("session_options") or {}, args.threads, args.tokens,
+                              CHAT, str(tmp / f"ort-{len(profiles)}"))
             agg = onnx_aggregate(Path(got["trace"]), got["warmup_runs"])
             profiles[r["name"]] = {
                 "how": "onnxruntime profiler, kernel time per op_name", "unprofiled": got["unprofiled"],

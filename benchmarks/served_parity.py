@@ -138,7 +138,6 @@ def measure_target(args, target: str, work: Path, reference, prompts, torch_toke
 def threads(results: dict) -> str:
     """The threads each engine ran with: the target's session_options (served engine), genai_config.json's
     decoder session options (onnxruntime-genai); targets with the same settings are said once."""
-    default = f"onnxruntime's default, one intra-op thread per physical core ({results['physical_cores']})"
     groups: dict[str, list[str]] = {}
     for target, row in results["targets"].items():
         served = row["session_options"]
@@ -146,7 +145,9 @@ def threads(results: dict) -> str:
         said = (f"served engine {json.dumps(served) if served else 'none set'}, onnxruntime-genai "
                 f"{json.dumps(genai) if genai else 'none set in genai_config.json'}")
         if not served.get("intra_op_num_threads") and not genai:
-            said += f": both {default}"
+            said += (f": the served engine onnxruntime's default, one intra-op thread per physical core "
+                     f"({results['physical_cores']}), onnxruntime-genai its own, half the logical cores "
+                     f"({max(1, results['logical_cores'] // 2)})")
         groups.setdefault(said, []).append(target)
     return "; ".join(f"{' and '.join(names)} session_options: {said}" for said, names in groups.items())
 
@@ -226,6 +227,7 @@ def main(argv=None) -> dict:
                "tokens": len(held_out),
                "positions": next(iter(targets.values()))["kld"]["served_vs_genai"]["positions"],
                "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "physical_cores": psutil.cpu_count(False),
+               "logical_cores": psutil.cpu_count(),
                "versions": {p: installed(p) for p in ("onnxruntime-genai", "onnxruntime", "torch", "transformers")},
                "targets": targets}
     text = table(results)

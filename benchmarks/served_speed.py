@@ -8,8 +8,9 @@ side by side in one run, with the project's one timing harness (hf2mlflow/measur
 
 "Before" is the same conversion logged with the runtime of commit BEFORE_COMMIT (static batches; a lone
 sequence decoding beside a copy of itself; a 20 ms join wait); "after" is this checkout's runtime. Two tables:
-- a lone request, one at a time, fresh processes in interleaved rounds: the bare onnxruntime-genai loop, the
-  pyfunc before and after, and (trained model) the transformers flavor in float32;
+- a lone request, one at a time, fresh processes in interleaved rounds: the bare onnxruntime-genai loop
+  (hf2mlflow.measure.BareGenAIRunner, with the served engine's session options), the pyfunc before and after,
+  and (trained model) the transformers flavor in float32;
 - staggered load behind `mlflow models serve` (trained model): one client alone, then 8 clients arriving one
   every --stagger seconds, --load_tokens new tokens each; latency, total tokens/s, and how many greedy answers
   equal the same request alone.
@@ -31,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.measure import BARE, SERVED  # noqa: E402
+from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options  # noqa: E402
 
 from docs_blocks import update_docs  # noqa: E402
 from suite_report import cpu_name  # noqa: E402
@@ -218,9 +219,13 @@ def lone_table(label: str, figures: dict) -> list[str]:
 
 def report(r: dict) -> str:
     lines = [f"Measured {r['date']} with `{r['command']}` ({r['machine']}), cpu-int4, greedy; harness: "
-             f"hf2mlflow/measure.py (first token: a one-token request; decode: the tokens after it). Lone "
-             f"requests: medians of {r['rounds']} interleaved rounds of fresh processes. Before: the runtime of "
-             f"commit {BEFORE_COMMIT}.", ""]
+             f"hf2mlflow/measure.py (first token: a one-token request; decode: the tokens after it; an answer ends "
+             f"at end of sequence or at its new-token count). Lone requests: medians of {r['rounds']} interleaved "
+             f"rounds of fresh processes. Before: the runtime of commit {BEFORE_COMMIT}."
+             + (f" The bare loop (hf2mlflow.measure.BareGenAIRunner) opens the graph with the served engine's "
+                f"session options, {json.dumps(r['session_options'])} (intra_op_num_threads 0: onnxruntime's "
+                f"default, one thread per physical core, as the served engine's session keeps it)."
+                if "session_options" in r else ""), ""]
     for label, figures in r["lone"].items():
         lines += lone_table(label, figures)
     if r["load"]:
@@ -261,6 +266,7 @@ def main(argv=None) -> dict:
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         trained = "tiny-phi3" if args.quick else "smollm2-135m-instruct"
         models = prepare(trained, work, before, transformers=True)
+        results["session_options"] = bare_session_options(logged_session_options(Path(models[AFTER]["path"])))
         prompts = [[{"role": "user", "content": q}] for q in questions[:4]]
         lone = speed_rounds(models, prompts, args.max_tokens, args.rounds)
         results["lone"][f"{trained}, {args.max_tokens} new tokens, {len(prompts)} prompts one at a time"] = lone

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hf2mlflow.measure import SERVED
 from suite_measure import in_fresh_process, median, summarize
 from suite_setup import prompt_of_length
 
@@ -48,7 +49,7 @@ def parity(source: Path, models: dict, prompts: list, max_tokens: int) -> dict:
     from hf2mlflow.parity import summarize as summarize_parity
 
     reference = TorchModel.from_folder(source)
-    out, names = {}, [name for name, info in models.items() if "target" in info and info["kind"] == "pyfunc"]
+    out, names = {}, [name for name, info in models.items() if "target" in info and info["kind"] == SERVED]
     for name in names:
         (config,) = Path(models[name]["path"]).rglob("genai_config.json")
         out[name] = summarize_parity(compare(reference, GenAIModel(config.parent), prompts, max_tokens,

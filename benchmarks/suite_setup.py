@@ -104,6 +104,7 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
     from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
     from hf2mlflow.contract import SHORT_DTYPE
     from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
+    from hf2mlflow.measure import BARE, SERVED
     from hf2mlflow.runtime.manifest import folder_bytes
 
     models = {}
@@ -114,9 +115,9 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / target)))
         conversion = conversion_figures(run_id, source)
         models[f"onnx-{target.split('-')[1]}"] = {
-            "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": conversion["size_bytes"],
+            "kind": SERVED, "path": str(path), "uri": uri, "size_bytes": conversion["size_bytes"],
             "conversion": conversion, "target": target}
-    models["genai-int4 (bare)"] = {**models["onnx-int4"], "kind": "genai"}
+    models["genai-int4 (bare)"] = {**models["onnx-int4"], "kind": BARE}
     for dtype in [d for d in DEVICES[device]["transformers"] if d != "bfloat16" or bf16]:
         print(f"[setup] logging the transformers flavor ({dtype} on {device})", flush=True)
         target = work / f"{device}-{dtype}.yaml"
@@ -127,7 +128,7 @@ def prepare_models(source: Path, work: Path, device: str, bf16: bool) -> dict:
                                                    registered_model_name=f"bench-transformers-{dtype}"))
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(work / f"transformers-{dtype}")))
         models[f"transformers-{SHORT_DTYPE[dtype]}"] = {
-            "kind": "pyfunc", "path": str(path), "uri": uri, "size_bytes": folder_bytes(path)}
+            "kind": SERVED, "path": str(path), "uri": uri, "size_bytes": folder_bytes(path)}
     return models
 
 

@@ -8,8 +8,9 @@ benchmarks/served_speed.py, benchmarks/llama_cpp_peer.py) is measured with these
 - End-to-end rate: new tokens / answer seconds.
 
 A runner answers chat messages: `PyfuncRunner` through a logged model as users call it (the served path: what
-`mlflow models serve` runs per request), `BareGenAIRunner` with onnxruntime-genai alone on the same files (the
-bare runtime). `measure_fresh` runs one in a fresh process, so its load time and peak RSS are its own.
+`mlflow models serve` runs per request), `BareGenAIRunner` with onnxruntime-genai alone on the same files and
+the served engine's session options (the bare runtime). `measure_fresh` runs one in a fresh process, so its load
+time and peak RSS are its own.
 """
 
 from __future__ import annotations
@@ -82,34 +83,96 @@ class PyfuncRunner:
         return time.perf_counter() - start
 
 
-class BareGenAIRunner:
-    """The same ONNX files with onnxruntime-genai alone: the loop its own examples show, greedy."""
+def logged_session_options(path: Path) -> dict:
+    """The session options the served engine opens the graph with: model_config.session_options of the logged
+    pyfunc folder at `path` ({} for a bare onnxruntime-genai folder, which has no MLmodel)."""
+    import mlflow
+    from mlflow.pyfunc import MODEL_CONFIG  # the MLmodel key of log_model's model_config ("config")
 
-    def __init__(self, path: str, session_options: dict | None = None):
+    if not (Path(path) / "MLmodel").is_file():
+        return {}
+    flavor = mlflow.models.Model.load(str(path)).flavors.get("python_function", {})
+    return dict((flavor.get(MODEL_CONFIG) or {}).get("session_options") or {})
+
+
+def bare_session_options(session_options: dict, threads: int | None = None) -> dict:
+    """What the bare runtime opens the graph with: the served engine's `session_options`, intra_op_num_threads
+    replaced by `threads` where given. Where neither sets a thread count, 0: onnxruntime's own default (one
+    thread per physical core), which the served engine's session keeps; onnxruntime-genai, left alone, takes
+    half the logical cores instead (one on two cores). Spinning and graph optimization are onnxruntime's
+    defaults on both sides (spin, ORT_ENABLE_ALL) unless `session_options` says otherwise."""
+    options = {k: v for k, v in session_options.items() if v is not None}
+    if threads is not None:
+        options["intra_op_num_threads"] = threads
+    options.setdefault("intra_op_num_threads", 0)
+    return options
+
+
+def timed_tokens(tokens, start: float, is_end, max_tokens: int) -> tuple[float, float, list[int]]:
+    """Take up to `max_tokens` from a runtime's token stream (stopping before an end token where `is_end` is
+    given): (seconds from `start` to the first token, to the last, the tokens)."""
+    out, first = [], 0.0
+    for token in tokens:
+        if not out:
+            first = time.perf_counter() - start
+        if is_end is not None and is_end(token):
+            break
+        out.append(token)
+        if len(out) >= max_tokens:
+            break
+    return first, time.perf_counter() - start, out
+
+
+class BareGenAIRunner:
+    """The same ONNX files with onnxruntime-genai alone: the loop its own examples show, greedy, opened with
+    `bare_session_options` (the served engine's session options; `threads` replaces their thread count)."""
+
+    def __init__(self, path: str, session_options: dict | None = None, threads: int | None = None):
         import onnxruntime_genai as og
 
         from hf2mlflow.runtime.genai_chat import open_model
+        from hf2mlflow.runtime.slot_chat import eos_ids
 
         self.og = og
         (config,) = Path(path).rglob("genai_config.json")
-        self.model = open_model(config.parent, session_options)
+        self.session_options = bare_session_options(session_options or {}, threads)
+        self.model = open_model(config.parent, self.session_options)
         self.tokenizer = og.Tokenizer(self.model)
+        self.eos = eos_ids(json.loads(config.read_text()))
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return [int(t) for t in self.tokenizer.encode(prompt)]
+
+    def generate(self, ids: list[int], max_tokens: int, stop_at_end: bool) -> tuple[float, float, list[int]]:
+        """(seconds to the first token, seconds to the last, tokens) for prompt `ids`; without `stop_at_end` end of
+        sequence is masked, so exactly `max_tokens` come."""
+        start = time.perf_counter()
+        params = self.og.GeneratorParams(self.model)
+        options = {"max_length": len(ids) + max_tokens, "do_sample": False}
+        if not stop_at_end:
+            options["min_length"] = len(ids) + max_tokens
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids)
+
+        def tokens():
+            while not generator.is_done():
+                generator.generate_next_token()
+                yield int(generator.get_next_tokens()[0])
+
+        return timed_tokens(tokens(), start, self.eos.__contains__ if stop_at_end else None, max_tokens)
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens) if tokens else ""
 
     def answer(self, request: dict, max_tokens: int) -> Answer:
         start = time.perf_counter()
-        prompt = self.tokenizer.apply_chat_template(json.dumps(request["messages"]), add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt)
-        params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(ids)
-        stream, text, count = self.tokenizer.create_stream(), [], 0
-        while not generator.is_done():
-            generator.generate_next_token()
-            text.append(stream.decode(generator.get_next_tokens()[0]))
-            count += 1
-        return Answer(time.perf_counter() - start, len(ids), count, "".join(text),
-                      "length" if count >= max_tokens else "stop")
+        ids = self.encode(request["messages"])
+        _, _, tokens = self.generate(ids, max_tokens, stop_at_end=True)
+        text = self.text(tokens)
+        return Answer(time.perf_counter() - start, len(ids), len(tokens), text,
+                      "length" if len(tokens) >= max_tokens else "stop")
 
     def stream_seconds(self, request: dict, max_tokens: int) -> float:
         return float("nan")  # the loop above is already token by token
@@ -118,7 +181,7 @@ class BareGenAIRunner:
 def open_runner(kind: str, path: str):
     if kind not in (SERVED, BARE):
         raise ValueError(f"runner kind '{kind}' is unknown; allowed: {SERVED}, {BARE}")
-    return PyfuncRunner(path) if kind == SERVED else BareGenAIRunner(path)
+    return PyfuncRunner(path) if kind == SERVED else BareGenAIRunner(path, logged_session_options(Path(path)))
 
 
 def measure(kind: str, path: str, requests: list[dict], label: str = "", stream: bool = False) -> dict:

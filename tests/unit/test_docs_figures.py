@@ -11,7 +11,8 @@ PAGE = PROJECT_ROOT / "docs" / "performance.md"
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 # block -> the results file its benchmark writes beside the block
 BLOCKS = {"benchmarks": "suite.md", "batching": "batching.md", "quantization": "quantization_sweep.md",
-          "sweep": "sweep.md", "served_speed": "served_speed.md"}
+          "sweep": "sweep.md", "served_speed": "served_speed.md", "llama_cpp_peer": "llama_cpp_peer.md",
+          "op_profile": "op_profile.md"}
 
 
 def test_every_generated_block_has_a_results_file():
