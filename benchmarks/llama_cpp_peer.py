@@ -159,7 +159,7 @@ def gguf_tensor_types(path: Path) -> dict:
 
 def llama_runtimes(quants: list[str], threads: int, log=print) -> list[dict]:
     """llama.cpp on the shipped Q4_1 file and on `quants` made from its F32 dequantization (cached next to it)."""
-    from hf2mlflow.sources.gguf import sha256_file
+    from hf2mlflow.digest import file_sha256
     from hf2mlflow.sources.tiny import home
 
     shipped = shipped_gguf()
@@ -167,7 +167,7 @@ def llama_runtimes(quants: list[str], threads: int, log=print) -> list[dict]:
                  "size_bytes": shipped.stat().st_size, "tensor_types": gguf_tensor_types(shipped)}]
     if not quants:
         return runtimes
-    folder = home() / "llama_cpp" / sha256_file(shipped)[:16]
+    folder = home() / "llama_cpp" / file_sha256(shipped)[:16]
     folder.mkdir(parents=True, exist_ok=True)
     f32 = folder / "f32.gguf"
     if not f32.is_file():
@@ -472,7 +472,7 @@ def teacher_forced_all(runtimes: list[dict], threads: int, window: int = 256, lo
 
     source = resolve_model(load_model(MODEL)).path
     reference = TorchModel.from_folder(source)
-    ids, cache = held_out_ids(reference), logits_cache(source)
+    ids, cache = held_out_ids(reference), logits_cache(source, reference)
     out = {}
     for runtime in runtimes:
         log(f"[teacher-forced] {runtime['name']}: {len(ids)} tokens in windows of {window}", flush=True)

@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
     from hf2mlflow.config import load_model
     from hf2mlflow.errors import StepError
     from hf2mlflow.parity import GenAIModel, TorchModel
-    from hf2mlflow.quality import TEXT, folder_digest, held_out_ids, logits_cache, teacher_forced
+    from hf2mlflow.digest import content_digest
+    from hf2mlflow.quality import TEXT, held_out_ids, logits_cache, teacher_forced
     from hf2mlflow.runtime.manifest import folder_bytes
     from hf2mlflow.sources.resolve import resolve_model
     from hf2mlflow.sources.tiny import home
@@ -137,14 +138,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     source = resolve_model(load_model(args.model)).path
     if args.off_grid:
-        source = off_grid_folder(source, home() / "off-grid" / folder_digest(source)[:16])
+        source = off_grid_folder(source, home() / "off-grid" / content_digest(source)[:16])
         print(f"[quality] off-grid weights: {source}", flush=True)
         label, args.model = f"{args.model}, off its 4-bit grid (--off-grid)", str(source)
     else:
         label = args.model
     print(f"[quality] reference: {args.model} in PyTorch float32 ({source})", flush=True)
     reference = TorchModel.from_folder(source)
-    ids, cache = held_out_ids(reference), logits_cache(source)
+    ids, cache = held_out_ids(reference), logits_cache(source, reference)
     rows = {}
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         for number, target in enumerate(t for t in args.targets.split(",") if t):

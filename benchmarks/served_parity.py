@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     prompts = [{"id": e.id, "messages": e.messages, "ids": reference.prompt_ids(e.messages)} for e in examples]
     print(f"[parity] PyTorch greedy on {len(prompts)} prompts, {args.max_new_tokens} new tokens", flush=True)
     torch_tokens = [reference.greedy(p["ids"], args.max_new_tokens) for p in prompts]
-    held_out, cache = held_out_ids(reference), logits_cache(source)
+    held_out, cache = held_out_ids(reference), logits_cache(source, reference)
     targets = {}
     with models_store("cpu", mlflow.get_tracking_uri()) as work:
         for number, target in enumerate(t for t in args.targets.split(",") if t):

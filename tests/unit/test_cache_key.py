@@ -1,15 +1,18 @@
-"""main's step cache (hf2mlflow/workflow/main.py): a step runs again exactly when something that goes into its key
-changed (entry point, parameters as MLflow stores them, upstream run IDs, code version, config digest), minus
-the parameters the step leaves out of its key. Chain.step runs against a fake store: no run is launched."""
+"""The chain's step cache (hf2mlflow/workflow/chain.py): a step runs again exactly when something that goes into its
+key changed (entry point, parameters as MLflow stores them, upstream run IDs, code version, config digest), minus
+the parameters the step leaves out of its key. Chain.step runs against a fake store: no run is launched. The
+model's part of the key: its config, the content of its local files, its hub commit."""
 
+import os
 import re
 from types import SimpleNamespace
 
 import pytest
 
 from hf2mlflow.config import config_file
-from hf2mlflow.workflow import main as workflow
-from hf2mlflow.workflow.main import CACHE_TAG, MainArgs, _model_digest, _sha256
+from hf2mlflow.workflow import chain as engine
+from hf2mlflow.workflow.chain import CACHE_TAG, ChainModel, configs_digest
+from hf2mlflow.workflow.main import MainArgs, rerun_steps
 
 BASE = {"entry_point": "evaluate", "params": {"models": "run-a,run-b", "dataset": "capitals-and-facts", "limit": 0},
         "upstream": {"log_pyfunc": "run-a", "log_transformers": "run-b"}, "configs": "digest-1", "code": "commit-1"}
@@ -29,15 +32,15 @@ def chain(monkeypatch):
         state.launched.append({"entry_point": entry_point, "params": params, "tags": tags})
         return f"new-run-{len(state.launched)}"
 
-    monkeypatch.setattr(workflow, "_reusable_run", reusable_run)
-    monkeypatch.setattr(workflow, "_launch", launch)
-    monkeypatch.setattr(workflow.mlflow, "MlflowClient",
+    monkeypatch.setattr(engine, "_reusable_run", reusable_run)
+    monkeypatch.setattr(engine, "_launch", launch)
+    monkeypatch.setattr(engine.mlflow, "MlflowClient",
                         lambda: SimpleNamespace(get_run=lambda run_id: SimpleNamespace(data=SimpleNamespace(tags={}))))
-    monkeypatch.setattr(workflow.mlflow, "set_tag", lambda name, value: None)
+    monkeypatch.setattr(engine.mlflow, "set_tag", lambda name, value: None)
 
     def step(entry_point, params, upstream, configs, code, not_in_key=(), args=None):
-        monkeypatch.setattr(workflow, "code_version", lambda: code)
-        chain = workflow.Chain("0", workflow.rerun_steps(args or MainArgs()))
+        monkeypatch.setattr(engine, "code_version", lambda: code)
+        chain = engine.Chain("0", "main", rerun_steps(args or MainArgs()))
         return chain.step(entry_point, params, upstream, configs, not_in_key)
 
     state.step = step
@@ -104,23 +107,54 @@ def test_a_finished_run_with_the_key_is_reused_unless_a_rerun_is_asked_for(chain
 
 
 def test_config_digests_keep_their_parts_apart():
-    assert _sha256(b"ab", b"c") != _sha256(b"a", b"bc") != _sha256(b"abc")
-    assert _sha256(b"ab", b"c") == _sha256(b"ab", b"c")
+    assert configs_digest(b"ab", b"c") != configs_digest(b"a", b"bc") != configs_digest(b"abc")
+    assert configs_digest(b"ab", b"c") == configs_digest(b"ab", b"c")
 
 
-def test_a_models_digest_is_its_config_or_its_files_names_sizes_and_times(tmp_path):
-    assert _model_digest("tiny-phi3") == config_file("models", "tiny-phi3").read_bytes()
-    assert _model_digest("microsoft/Phi-3-mini-4k-instruct") == b"microsoft/Phi-3-mini-4k-instruct"
+def model_digest(name_or_path):
+    return ChainModel.resolve(str(name_or_path), "test").digest
+
+
+def test_a_model_is_keyed_by_its_config_its_files_content_and_its_hub_commit(tmp_path, monkeypatch):
+    builtin = ChainModel.resolve("tiny-phi3", "test")
+    assert builtin.digest == configs_digest(config_file("models", "tiny-phi3").read_bytes())
+    assert builtin.spec.builtin == "tiny-phi3" and builtin.source_params == {}
+    monkeypatch.setattr("hf2mlflow.sources.resolve.hub_commit", lambda hub_id, revision: "c" * 40)
+    hub = ChainModel.resolve("microsoft/Phi-3-mini-4k-instruct", "test")
+    assert hub.digest == configs_digest(b"microsoft/Phi-3-mini-4k-instruct")
+    assert hub.source_params == {"revision": "c" * 40}
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    first = _model_digest(str(folder))
-    assert _model_digest(str(folder)) == first and b"config.json 2 " in first
+    first = model_digest(folder)
     (folder / "model.safetensors").write_bytes(b"\0" * 8)
-    second = _model_digest(str(folder))
-    assert second != first and b"model.safetensors 8 " in second
-    (folder / "config.json").write_text('{"a": 1}')
-    assert _model_digest(str(folder)) not in (first, second)
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF")
-    assert _model_digest(str(gguf)).startswith(b"m.gguf 4 ")
+    assert model_digest(folder) != first
+    # A model config naming a local folder: the folder's content counts too, not only the YAML.
+    config = tmp_path / "local.yaml"
+    config.write_text(f"local_path: {folder}\n")
+    before = model_digest(config)
+    (folder / "model.safetensors").write_bytes(b"\1" * 8)
+    assert model_digest(config) != before
+
+
+def _rewrite_keeping_mtime(path, text):
+    """A same-size edit that keeps the file's mtime, as `cp -p` or `rsync -t` leave it."""
+    before = path.stat()
+    assert len(text) == before.st_size
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("edited", ["model/config.json", "model/tokenizer/tokenizer.json", "m.gguf"])
+def test_a_same_size_edit_that_keeps_the_mtime_changes_a_local_models_digest(tmp_path, edited):
+    """In a folder's top level, in a subfolder, or a GGUF file."""
+    (tmp_path / "model" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "model" / "config.json").write_text('{"layers": 2}')
+    (tmp_path / "model" / "tokenizer" / "tokenizer.json").write_text('{"merges": "ab"}')
+    (tmp_path / "m.gguf").write_text("GGUF-2")
+    model = tmp_path / edited.split("/")[0]
+    first = model_digest(model)
+    assert model_digest(model) == first
+    path = tmp_path / edited
+    _rewrite_keeping_mtime(path, path.read_text().replace("2", "3").replace("ab", "ba"))
+    assert model_digest(model) != first

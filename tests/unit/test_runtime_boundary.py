@@ -41,7 +41,7 @@ STEPS = {"convert", "log_model", "evaluate", "batch", "workflow", "serve", "data
 # What every step may import besides itself: the package root (PROJECT_ROOT, CONFIGS_DIR), the shared modules,
 # the model sources and the runtime.
 SHARED = {"config", "contract", "errors", "step_args", "tracking", "parity", "quality", "thresholds", "builder_graph",
-          "logged_models", "datasets", "measure", "sources", "runtime", "cuda"}
+          "logged_models", "datasets", "measure", "sources", "runtime", "cuda", "digest"}
 
 
 def module_name(path: Path) -> str:
