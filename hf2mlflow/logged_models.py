@@ -33,6 +33,7 @@ class EvalModel:
     precision: str
     logged_by_run: str
     source: ModelSpec  # the Hugging Face model it came from: the parity reference
+    execution_provider: str = "cpu"  # where a logged ONNX model runs: its pyfunc picks its engine by it
 
 
 def _uri_for_run(run_id: str) -> str:
@@ -100,6 +101,7 @@ def _resolve(ref: str) -> EvalModel:
         raise ConfigError(f"'{ref}' is neither a run ID (32 hex characters) nor a model URI; {GIVE}")
     info = _model_info(uri)
     meta = info.metadata or {}
+    provider = "cpu"
     if "transformers" in info.flavors:
         if info.flavors["transformers"].get("inference_task") != TASK:
             raise ConfigError(f"'{ref}' is a transformers model without task {TASK}; log it with "
@@ -110,6 +112,7 @@ def _resolve(ref: str) -> EvalModel:
     elif "source_run_id" in meta and "execution_provider" in meta:
         route = route_for_format(meta.get("artifact_format"))
         flavor, precision, source_run = route.flavor, meta["precision"], meta["source_run_id"]
+        provider = meta["execution_provider"]
         default_name = onnx_registered_name(meta["model"], meta["target"], route)
         _check_runtime(ref, meta["execution_provider"], flavor)
     else:
@@ -118,7 +121,7 @@ def _resolve(ref: str) -> EvalModel:
     registered = REGISTERED.match(uri)
     name = registered.group(1) if registered and not registered.group(1).startswith("m-") else default_name
     return EvalModel(ref, uri, name, flavor, precision, info.run_id,
-                     spec_from_source_params(meta.get("model", "model"), params))
+                     spec_from_source_params(meta.get("model", "model"), params), provider)
 
 
 def resolve_all(refs: str) -> list[EvalModel]:

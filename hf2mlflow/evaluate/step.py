@@ -62,8 +62,7 @@ def _candidate(model: EvalModel, model_dir: Path):
     if model.flavor == "onnx":
         (genai_config,) = model_dir.rglob("genai_config.json")
         genai = GenAIModel(genai_config.parent)
-        config = mlflow.models.Model.load(str(model_dir)).flavors["python_function"].get("model_config") or {}
-        if config.get("execution_provider", "cpu") != "cpu":
+        if model.execution_provider != "cpu":  # served by onnxruntime-genai itself
             return genai, None
         engine = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().engine
         return ServedModel(engine), genai
