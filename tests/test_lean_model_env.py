@@ -13,6 +13,7 @@ it `pip install` (mlflow brings scipy, pyarrow, scikit-learn, ...).
 """
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -243,4 +244,26 @@ def test_the_scoring_script_answers_under_azmlinfsrv_in_the_deployment_environme
         assert status == 400 and "none of 'input_data', 'messages', 'prompt'" in error["message"]
         status, error = post(url, b"not json")
         assert status == 400 and error["error_code"] == "MALFORMED_REQUEST"
+
+        # 40 clients, each gone after the first event of a long answer: closing the response closes the model's
+        # stream, which frees its row; a new request is then answered as fast as when idle, not queued or refused.
+        def latency() -> float:
+            started = time.perf_counter()
+            assert post(url, {"messages": HELLO, "max_tokens": 8})[0] == 200
+            return time.perf_counter() - started
+
+        idle = min(latency() for _ in range(3))
+        story = [{"role": "user", "content": "Write a very long story about a dragon"}]
+        long = json.dumps({"input_data": {"messages": story, "max_tokens": 1500, "stream": True}})
+        for _ in range(40):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection.request("POST", "/score", long, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data: ")
+            response.close()
+            connection.close()
+        time.sleep(0.5)  # the server sees the last disconnect
+        after = min(latency() for _ in range(3))
+        print(f"a quick request idle {idle * 1000:.0f} ms, after the 40 streams {after * 1000:.0f} ms")
+        assert after < 2 * idle + 0.2
         assert proc.poll() is None
