@@ -1,13 +1,18 @@
 """Tracking to an Azure ML workspace with our pins (mlflow 3.17, no azureml-mlflow plugin), emulated: a real
 `mlflow server` under the workspace's path prefix, behind a small front that does what the workspace does that
 MLflow's server does not: it refuses requests without a bearer token and answers 404 to MLflow 3's logged-models
-API. The run's artifact root is an azureml:// URI, as a workspace's runs carry. Nothing here reaches Azure."""
+API. The run's artifact root is an azureml:// URI, as a workspace's runs carry. Nothing here reaches Azure.
+
+The front's answers are givens: the tests assert what our client sends (the front records every request) and what
+it does with those answers, never the answers themselves."""
 
 import contextlib
+import json
 import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 
 import mlflow
 import pytest
@@ -20,6 +25,14 @@ SUB, RG, WS = "00000000-0000-0000-0000-000000000000", "my-rg", "my-ws"
 PREFIX = (f"/mlflow/v2.0/subscriptions/{SUB}/resourceGroups/{RG}"
           f"/providers/Microsoft.MachineLearningServices/workspaces/{WS}")
 TOKEN = "eyJ0eXAiOiJKV1QifQ.eyJleHAiOjQxMDI0NDQ4MDB9.c2lnbmF0dXJl"  # the shape of `az account get-access-token`'s
+API = f"{PREFIX}/api/2.0/mlflow"
+
+
+class Request(NamedTuple):
+    method: str
+    path: str
+    authorization: str | None
+    body: dict
 
 
 class WorkspaceFront(BaseHTTPRequestHandler):
@@ -28,7 +41,8 @@ class WorkspaceFront(BaseHTTPRequestHandler):
 
     def _handle(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        self.seen.append(Request(self.command, self.path, self.headers.get("Authorization"),
+                                 json.loads(body) if body else {}))
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._reply(401, b'{"error": {"code": "Unauthorized"}}')
         if "/api/2.0/mlflow/logged-models" in self.path:  # azure-sdk-for-python issue 44896
@@ -110,12 +124,12 @@ def test_runs_params_metrics_and_tags_log_through_mlflows_rest_client_with_a_bea
     assert list(found["run_id"]) == [run.info.run_id]
 
     # Every call went to the workspace's MLflow REST API, with the token as a bearer token.
-    assert seen and all(path.startswith(f"{PREFIX}/api/2.0/mlflow/") for _, path, _ in seen), seen
-    assert {auth for _, _, auth in seen} == {f"Bearer {TOKEN}"}
+    assert seen and all(request.path.startswith(f"{API}/") for request in seen), seen
+    assert {request.authorization for request in seen} == {f"Bearer {TOKEN}"}
 
 
-def test_without_the_plugin_artifacts_and_logged_models_fail_and_no_token_is_refused(workspace, tmp_path,
-                                                                                     monkeypatch):
+def test_without_the_plugin_artifacts_fail_and_a_model_is_sent_to_the_logged_models_api_whose_404_fails_it(
+        workspace, tmp_path):
     uri, seen = workspace
     experiment = mlflow.MlflowClient(uri).create_experiment("hf2mlflow-azure-artifacts")
     with mlflow.start_run(experiment_id=experiment) as run:
@@ -124,12 +138,22 @@ def test_without_the_plugin_artifacts_and_logged_models_fail_and_no_token_is_ref
         (tmp_path / "note.txt").write_text("hello")
         with pytest.raises(MlflowException, match="Could not find a registered artifact repository for: azureml:"):
             mlflow.log_artifact(str(tmp_path / "note.txt"))
-        # MLflow 3 logs models through the logged-models API, which the workspace answers with 404.
-        with pytest.raises(MlflowException) as failure:
+        before = len(seen)
+        with pytest.raises(MlflowException):
             mlflow.initialize_logged_model(name="model")
-        assert "404" in str(failure.value) or "NotFound" in str(failure.value)
+        # One request, to the API a workspace does not serve; then no retry and no other route for the model.
+        [request] = seen[before:]
+    assert (request.method, request.path, request.authorization) == ("POST", f"{API}/logged-models",
+                                                                      f"Bearer {TOKEN}")
+    assert {k: request.body.get(k) for k in ("experiment_id", "source_run_id", "name")} == {
+        "experiment_id": experiment, "source_run_id": run.info.run_id, "name": "model"}
 
+
+def test_without_a_token_no_authorization_is_sent_and_the_401_fails_the_call(workspace, monkeypatch):
+    uri, seen = workspace
     monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")  # this test's own monkeypatch: the token comes back after it
-    with pytest.raises(MlflowException, match="401|Unauthorized"):
+    before = len(seen)
+    with pytest.raises(MlflowException):
         mlflow.MlflowClient(uri).search_experiments()
-    assert seen[-1][2] is None
+    [request] = seen[before:]
+    assert (request.method, request.path, request.authorization) == ("POST", f"{API}/experiments/search", None)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hf2mlflow.quality import floor_problems, reference_logits, score_window, teacher_forced, windows
+from hf2mlflow.quality import floor_problems, reference_logits, score_window, teacher_forced, window_ids, windows
 
 
 def test_identical_logits_score_zero_divergence_and_full_agreement():
@@ -25,24 +25,67 @@ def test_a_known_divergence():
     assert scored.reference_nll[0] == pytest.approx(-np.log(0.5))
 
 
-class _Model:
-    """all_logits from a fixed table: position p of any window sees token ids[p]."""
+class _Causal:
+    """A causal fake model over a vocabulary of 3 tokens: its logits at position t of the ids it reads are
+    formula(t, ids[t], ids[t - 1]), with ids[t - 1] taken as 0 at t = 0."""
 
-    def __init__(self, table):
-        self.table = table
+    def __init__(self, formula):
+        self.formula, self.calls = formula, 0
 
     def all_logits(self, ids):
-        return self.table[ids]
+        self.calls += 1
+        return np.array([self.formula(t, ids[t], ids[t - 1] if t else 0) for t in range(len(ids))], float)
 
 
-def test_each_window_scores_its_second_half():
-    rng = np.random.default_rng(1)
-    reference, candidate = _Model(rng.normal(size=(50, 64))), _Model(rng.normal(size=(50, 64)))  # vocab 64
-    ids = list(range(50))
-    assert windows(50, 16) == [0, 16, 32]  # the partial last window is dropped
-    summary = teacher_forced(reference, candidate, ids, window=16)
-    assert summary["positions"] == 3 * 7  # positions 8..14 of each window predict tokens 9..15
-    assert 0 < summary["mean_kld"] and 0 <= summary["top1_agreement"] <= 1
+def _reference():
+    return _Causal(lambda t, token, previous: (t, 2 * token, previous))
+
+
+def _candidate():
+    return _Causal(lambda t, token, previous: (2 * previous, t, token))
+
+
+# Two windows of 6 and a partial one (dropped). Each window's positions 3 and 4 are scored (its second half but the
+# last position, which has no next token), and predict the tokens at 4 and 5.
+IDS = [2, 1, 0, 1, 0, 1,  1, 2, 2, 0, 1, 2,  0, 1]
+# The formulas worked out at t = 3 and 4 of the first window, then of the second; e.g. the first window at t = 3:
+# ids[3] = 1 and ids[2] = 0, so the reference's logits are (3, 2 * 1, 0) and the candidate's (2 * 0, 3, 1).
+REFERENCE_ROWS = np.array([[3, 2, 0], [4, 0, 1], [3, 0, 2], [4, 2, 0]], float)
+CANDIDATE_ROWS = np.array([[0, 3, 1], [2, 4, 0], [4, 3, 0], [0, 4, 1]], float)
+NEXT_TOKENS = [0, 1, 1, 2]  # ids[4], ids[5] of each window
+REFERENCE_P = np.exp(REFERENCE_ROWS) / np.exp(REFERENCE_ROWS).sum(axis=1, keepdims=True)
+CANDIDATE_P = np.exp(CANDIDATE_ROWS) / np.exp(CANDIDATE_ROWS).sum(axis=1, keepdims=True)
+KLD = (REFERENCE_P * np.log(REFERENCE_P / CANDIDATE_P)).sum(axis=1)  # KL(reference || candidate)
+REFERENCE_NLL = -np.log(REFERENCE_P[[0, 1, 2, 3], NEXT_TOKENS])
+CANDIDATE_NLL = -np.log(CANDIDATE_P[[0, 1, 2, 3], NEXT_TOKENS])
+
+
+def test_the_reference_logits_are_those_of_each_windows_second_half():
+    assert windows(len(IDS), 6) == [0, 6]  # the partial last window is dropped
+    assert reference_logits(_reference(), IDS, 6).tolist() == REFERENCE_ROWS.tolist()
+
+
+def test_each_scored_position_against_the_token_that_follows_it():
+    scored = score_window(REFERENCE_ROWS, CANDIDATE_ROWS, np.array(NEXT_TOKENS))
+    assert scored.kld == pytest.approx(KLD) and scored.kld.min() > 0
+    # The reference's top token is 0 everywhere, the candidate's 1, 1, 0, 1.
+    assert scored.same_top.tolist() == [False, False, True, False]
+    assert scored.reference_nll == pytest.approx(REFERENCE_NLL)
+    assert scored.candidate_nll == pytest.approx(CANDIDATE_NLL)
+
+
+def test_the_summary_of_a_text_read_window_by_window():
+    summary = teacher_forced(_reference(), _candidate(), IDS, window=6)
+    low, high = np.sort(KLD)[2:]
+    assert summary == pytest.approx({
+        "positions": 4, "mean_kld": KLD.mean(),
+        "p99_kld": low + 0.97 * (high - low),  # linear between the 3rd and 4th of 4: rank 0.99 * 3 = 2.97
+        "top1_agreement": 0.25,
+        "perplexity": np.exp(CANDIDATE_NLL.mean()), "reference_perplexity": np.exp(REFERENCE_NLL.mean())})
+
+
+def test_each_window_starts_with_bos_where_the_tokenizer_adds_one():
+    assert window_ids(IDS, 6, bos=9) == [[9, 1, 0, 1, 0, 1], [9, 2, 2, 0, 1, 2]]
 
 
 @pytest.mark.parametrize("n, window, expected", [(10, 16, "fewer than one window"), (100, 15, "even number")])
@@ -51,20 +94,9 @@ def test_bad_windows_are_refused(n, window, expected):
         windows(n, window)
 
 
-class _Counting(_Model):
-    def __init__(self, table):
-        super().__init__(table)
-        self.calls = 0
-
-    def all_logits(self, ids):
-        self.calls += 1
-        return super().all_logits(ids)
-
-
 def test_reference_logits_are_computed_once_per_model_ids_and_window(tmp_path):
-    rng = np.random.default_rng(2)
-    reference, candidate = _Counting(rng.normal(size=(40, 40))), _Model(rng.normal(size=(40, 40)))
-    ids, cache = list(range(40)), (tmp_path, "digest-of-the-model")
+    reference, candidate = _reference(), _candidate()
+    ids, cache = [i % 3 for i in range(40)], (tmp_path, "digest-of-the-model")
     first = teacher_forced(reference, candidate, ids, window=8, cache=cache)
     assert reference.calls == 5 and len(list(tmp_path.glob("*.npy"))) == 1
     assert teacher_forced(reference, candidate, ids, window=8, cache=cache) == first and reference.calls == 5
