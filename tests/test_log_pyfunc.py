@@ -158,6 +158,25 @@ def test_a_request_that_fans_out_beyond_the_queue_waits_for_its_own_rows(model):
     assert refused.value.error_code == "INVALID_PARAMETER_VALUE"  # HTTP 400
 
 
+@pytest.mark.usefixtures("in_store")
+def test_batch_inference_rows_that_fan_out_beyond_the_queue_all_answer(logged):
+    """batch_infer's model (a partition's rows, each one request, answered concurrently): 8 rows x n=8 on an idle
+    model all answer; none becomes a "busy" row error."""
+    import json
+    from types import SimpleNamespace
+
+    from hf2mlflow.runtime.batch_chat_model import BatchChatModel
+
+    batch = BatchChatModel()
+    batch.load_context(SimpleNamespace(artifacts={"model": mlflow.artifacts.download_artifacts(logged["uri"])},
+                                       model_config={}))
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Question number {i}"}], "max_tokens": 3, "n": 8})
+            for i in range(8)]
+    results = [json.loads(r) for r in batch.predict(None, pd.DataFrame({"request": rows}))["result"]]
+    assert [r["error"] for r in results] == [None] * 8
+    assert all(len(json.loads(r["response"])["choices"]) == 8 for r in results)
+
+
 @pytest.mark.parametrize("request_body, expected", [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of system, user, assistant"),
     ({"messages": HELLO, "max_tokens": -1}, "'max_tokens' must be between 1"),
