@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def _candidate(model: EvalModel, model_dir: Path):
         genai = GenAIModel(genai_config.parent)
         if model.execution_provider != "cpu":  # served by onnxruntime-genai itself
             return genai, None
+        paths = list(sys.path)
         engine = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model().engine
+        # MLflow put the model's code/ folder first on sys.path. Its partial hf2mlflow package (the runtime alone)
+        # would be what a process spawned later (the speed measure's) imports as hf2mlflow; this process already
+        # runs the project's own.
+        sys.path[:] = paths
         return ServedModel(engine), genai
     if model.flavor == "optimum-onnx":
         (graph,) = model_dir.rglob("model.onnx")

@@ -30,3 +30,26 @@ def test_a_gpu_model_is_read_through_onnxruntime_genai_not_the_cpu_engine(provid
     model = EvalModel("ref", "models:/m/1", "m", "onnx", "int4", "run", source=None, execution_provider=provider)
     candidate, genai = _candidate(model, tmp_path)
     assert isinstance(candidate, Opened) and candidate.folder == tmp_path / "onnx" and genai is None
+
+
+def test_loading_the_cpu_engine_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    """MLflow puts a loaded model's code/ folder first on sys.path; its partial hf2mlflow package must not be what
+    the speed measure's spawned process imports."""
+    import sys
+    from types import SimpleNamespace
+
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "genai_config.json").write_text("{}")
+    monkeypatch.setattr(hf2mlflow.parity, "GenAIModel", Opened)
+    monkeypatch.setattr(hf2mlflow.parity, "ServedModel", Opened)
+
+    def load_model(path):
+        sys.path.insert(0, str(tmp_path / "code"))  # as MLflow's loader does
+        return SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(engine="engine"))
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", load_model)
+    before = list(sys.path)
+    model = EvalModel("ref", "models:/m/1", "m", "onnx", "int4", "run", source=None)
+    candidate, genai = _candidate(model, tmp_path)
+    assert candidate.folder == "engine" and isinstance(genai, Opened)
+    assert sys.path == before
