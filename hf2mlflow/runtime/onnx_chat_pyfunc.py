@@ -11,6 +11,7 @@ engine batches (the CPU engine of the builder's models).
 from __future__ import annotations
 
 import itertools
+from dataclasses import fields
 import json
 import sys
 from pathlib import Path
@@ -82,8 +83,7 @@ class OnnxChatModel(PythonModel):
         self.defaults = config["generation"]
         self.interface = config["interface"]
         batching = config.get("batching", {})
-        self.limits = BatchLimits(**{name: int(batching.get(name, getattr(BatchLimits, name)))
-                                     for name in ("max_batch", "max_queue", "max_request_sequences")})
+        self.limits = BatchLimits(**{f.name: int(batching.get(f.name, f.default)) for f in fields(BatchLimits)})
         self.engine = _engine(config.get("artifact_format", "onnxruntime-genai"), model_dir, config, self.limits)
         if hasattr(self.engine, "scheduler"):
             print(f"[batching] up to {self.limits.max_batch} sequences generate together, {self.limits.max_queue} "
