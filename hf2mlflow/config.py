@@ -124,6 +124,33 @@ class QualityFloor(Strict):
         "share of positions where the model's most likely next token is the source model's, at least this"))
 
 
+class PrecisionBudget(Strict):
+    """8 bits for the weight matrices where they keep the most quality, within a size budget
+    (hf2mlflow/convert/sensitivity.py): each matrix's sensitivity is the teacher-forced KL divergence it saves when
+    it alone goes from 4 to 8 bits, on the calibration text; matrices are upgraded by saving per byte until the
+    budget is spent. The budget is in stored bits per weight over every matrix the builder quantizes, scales and
+    zero points included (a 4-bit block-32 matrix with float scales stores about 5.1): set exactly one of
+    `bits_per_weight` and `extra_bits_per_weight`."""
+
+    bits_per_weight: Optional[float] = Field(None, ge=4.0, le=16.0, description=(
+        "at most this many bits per weight in all; a model that takes more at 4 bits gets no 8-bit matrices"))
+    extra_bits_per_weight: Optional[float] = Field(None, ge=0.0, le=8.0, description=(
+        "at most this many bits per weight above the same model with every matrix at 4 bits (the same budget "
+        "for models whose embeddings take a small or a large share)"))
+    calibration_tokens: int = Field(512, ge=64, le=8192, description=(
+        "tokens of the calibration text each matrix's sensitivity is measured on"))
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.bits_per_weight is None) == (self.extra_bits_per_weight is None):
+            raise ValueError("set exactly one of bits_per_weight and extra_bits_per_weight")
+        return self
+
+    def describe(self) -> str:
+        return (f"{self.bits_per_weight:g} bits per weight" if self.bits_per_weight is not None
+                else f"{self.extra_bits_per_weight:g} bits per weight above the all-4-bit model")
+
+
 class TransformersSettings(Strict):
     """Where the transformers (PyTorch) flavor of the same model runs for this target."""
 
@@ -149,6 +176,8 @@ class Target(Strict):
     batching: Batching = Batching()
     session_options: SessionOptions = SessionOptions()
     quality_floor: QualityFloor = QualityFloor()
+    # None: the builder's own bit placement (builder_options.matmul_mixed_precision) alone.
+    precision_budget: Optional[PrecisionBudget] = None
     # None where PyTorch has no backend for the target (DirectML, WebGPU): no transformers flavor there.
     transformers: Optional[TransformersSettings] = None
     # How convert_onnx makes the ONNX model; None: genai-builder, unless convert_onnx's `exporter` says otherwise.
@@ -192,6 +221,13 @@ def exporter_problem(target: Target, exporter: str) -> Optional[str]:
         return (f"precision '{target.precision}' is not built for execution_provider '{target.execution_provider}'; "
                 f"allowed precisions for {target.execution_provider}: {', '.join(allowed)}")
     quant = [k for k in QUANTIZATION_OPTIONS if getattr(target.builder_options, k) is not None]
+    if target.precision_budget is not None:
+        if target.precision != "int4" or target.execution_provider != "cpu":
+            return (f"precision_budget chooses 8-bit matrices in an int4 model for the cpu provider; this target is "
+                    f"{target.precision} for {target.execution_provider}")
+        if target.builder_options.accuracy_level != 4:
+            # An 8-bit MatMulNBits has a fast CPU kernel only at accuracy level 4 (int8 compute): ~30x otherwise.
+            return "precision_budget needs builder_options.accuracy_level 4, the only fast CPU path for 8-bit matrices"
     if quant and target.precision not in ("int4", "int8"):
         return f"builder_options {', '.join(quant)} only apply to precision int4 or int8, not '{target.precision}'"
     return None

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.contract import genai_version
@@ -64,11 +65,14 @@ class BuildResult:
 
 
 def builder_command(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool,
-                    low_memory: bool = False) -> list[str]:
+                    low_memory: bool = False, node_bits: Optional[Path] = None) -> list[str]:
     options = target.builder_options.as_cli() + [f"hf_remote={'true' if trust_remote_code else 'false'}"]
-    # The low-memory path takes the builder's own arguments (hf2mlflow/convert/lowmem_builder.py).
-    module = "hf2mlflow.convert.lowmem_builder" if low_memory else "onnxruntime_genai.models.builder"
-    return [sys.executable, "-u", "-m", module, "-i", str(source), "-o", str(output),
+    # Both take the builder's own arguments (hf2mlflow/convert/lowmem_builder.py, hf2mlflow/convert/node_bits.py).
+    if node_bits is not None:
+        module = ["hf2mlflow.convert.node_bits", str(node_bits)] + (["--low_memory"] if low_memory else [])
+    else:
+        module = ["hf2mlflow.convert.lowmem_builder" if low_memory else "onnxruntime_genai.models.builder"]
+    return [sys.executable, "-u", "-m", *module, "-i", str(source), "-o", str(output),
             "-p", target.precision, "-e", target.execution_provider, "-c", str(cache),
             "--extra_options", *options]
 
@@ -81,8 +85,9 @@ def _peak_rss_bytes(rusage) -> int:
 
 
 def run_builder(source: Path, output: Path, cache: Path, target: Target, trust_remote_code: bool = False,
-                low_memory: bool = False, log=print) -> BuildResult:
-    command = builder_command(source, output, cache, target, trust_remote_code, low_memory)
+                low_memory: bool = False, log=print, node_bits: Optional[Path] = None) -> BuildResult:
+    """`node_bits`: a JSON file of bit widths per MatMul (hf2mlflow/convert/node_bits.py)."""
+    command = builder_command(source, output, cache, target, trust_remote_code, low_memory, node_bits)
     return run_tool(command, output, REQUIRED_OUTPUTS, "the model builder", "builder", log)
 
 

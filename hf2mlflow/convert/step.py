@@ -74,10 +74,12 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
     })
     with _work_dir() as work:
         out = work / "onnx"
+        node_bits = _choose_precision(resolved.path, target, spec.trust_remote_code, work, memory.path == "low") \
+            if target.precision_budget else None
         print(f"[{STEP}] 2/4 building {target.precision} ONNX for {target.execution_provider} "
               f"with onnxruntime-genai {builder_version()}")
         build = run_builder(resolved.path, out, work / "builder-cache", target, spec.trust_remote_code,
-                            low_memory=memory.path == "low")
+                            low_memory=memory.path == "low", node_bits=node_bits)
         mlflow.log_metrics({"conversion_seconds": build.seconds, "builder_peak_rss_bytes": build.peak_rss_bytes})
         print(f"[{STEP}] built in {build.seconds:.1f} s, builder peak RSS {build.peak_rss_bytes / 2**20:.0f} MiB")
 
@@ -103,6 +105,28 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
 
         genai_config = json.loads((out / "genai_config.json").read_text())
         _log_model_folder(out, genai_config["model"].get("context_length", ""))
+
+
+def _choose_precision(source_dir: Path, target, trust_remote_code: bool, work: Path, low_memory: bool) -> Path:
+    """The target's precision_budget spent where it keeps the most quality (hf2mlflow/convert/sensitivity.py);
+    the node-bits file the builder takes."""
+    from hf2mlflow.convert.sensitivity import SENSITIVITY_ARTIFACT, choose
+
+    budget = target.precision_budget
+    print(f"[{STEP}] precision: choosing the 8-bit matrices within {budget.describe()}, by "
+          f"the KL divergence each saves on {budget.calibration_tokens} tokens of the calibration text")
+    choice = choose(source_dir, target, trust_remote_code, work, low_memory)
+    log_params_once({f"precision_budget.{k}": v for k, v in budget.model_dump(exclude_none=True).items()})
+    mlflow.log_metrics({f"precision.{k}": v for k, v in choice.summary.items()})
+    mlflow.set_tag("sensitivity_table", "reused from the cache" if choice.cached else "measured")
+    mlflow.log_dict(choice.artifact(), SENSITIVITY_ARTIFACT)
+    summary = choice.summary
+    print(f"[{STEP}] precision: {len(choice.upgraded)} of {summary['quantized_matrices']} matrices at 8 bits, "
+          f"{summary['bits_per_weight']:.2f} bits per weight within {summary['budget_bits_per_weight']:.2f} "
+          f"(sensitivity table {'from the cache' if choice.cached else 'measured'}; {SENSITIVITY_ARTIFACT} in the run)")
+    path = work / "node-bits.json"
+    path.write_text(json.dumps(choice.node_bits()))
+    return path
 
 
 def generation_skipped(execution_provider: str) -> str:

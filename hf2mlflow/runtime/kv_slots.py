@@ -44,16 +44,18 @@ class SlotDecoder:
     rows 0..len(tokens)-1; both return next-token logits. `move` compacts rows as sequences leave.
     `all_logits(ids)` is a prefill into a cache of its own that returns every position's logits (the
     teacher-forced measure of the served engine). `long_rope_threshold`: the mask width above which the graph
-    uses its long rotary factors (None: one regime); hf2mlflow/builder_graph.py reads it from the graph."""
+    uses its long rotary factors (None: one regime); hf2mlflow/builder_graph.py reads it from the graph.
+    `model_bytes`: a serialized graph to run instead of the folder's (a variant of it, with its weights inside)."""
 
-    def __init__(self, model_dir: Path, settings: Optional[dict] = None, long_rope_threshold: Optional[int] = None):
+    def __init__(self, model_dir: Path, settings: Optional[dict] = None, long_rope_threshold: Optional[int] = None,
+                 model_bytes: Optional[bytes] = None):
         import onnxruntime as ort
 
         self._ort = ort
         decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
         names, layers = decoder["inputs"], int(decoder["num_hidden_layers"])
-        self.session = ort.InferenceSession(str(Path(model_dir) / decoder["filename"]), session_options(settings or {}),
-                                            providers=["CPUExecutionProvider"])
+        graph = model_bytes if model_bytes is not None else str(Path(model_dir) / decoder["filename"])
+        self.session = ort.InferenceSession(graph, session_options(settings or {}), providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._ids, self._mask = names["input_ids"], names["attention_mask"]
         extra = set(inputs) - {self._ids, self._mask} - {names["past_key_names"] % i for i in range(layers)} \

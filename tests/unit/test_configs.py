@@ -54,7 +54,8 @@ def test_cpu_int4_is_the_recipe_the_teacher_forced_measure_chose():
     t = load_target("cpu-int4")
     assert (t.execution_provider, t.precision) == ("cpu", "int4")
     assert t.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=k_quant",
-                                          "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]
+                                          "matmul_mixed_precision=last_matmul:int8"]
+    assert t.precision_budget.extra_bits_per_weight == 0.8 and t.precision_budget.bits_per_weight is None
     assert t.quality_floor.max_mean_kld == 0.3
     published = load_target(str(PROJECT_ROOT / "benchmarks" / "int4_recipes" / "published-phi3-build.yaml"))
     assert published.builder_options.as_cli() == ["block_size=32", "accuracy_level=4", "algo_config=default"]
@@ -89,6 +90,14 @@ transformers: {device: cpu, dtype: float32}
     ("execution_provider: cpu\nprecision: int4\ntransformers: {device: cpu}\n", "transformers.dtype",
      ["required key is missing"]),
     (TARGET + "generation: {temperature: -1}\n", "generation.temperature", ["greater than or equal to 0"]),
+    (TARGET + "builder_options: {accuracy_level: 4}\nprecision_budget: {}\n", "precision_budget",
+     ["exactly one of bits_per_weight and extra_bits_per_weight"]),
+    (TARGET + "builder_options: {accuracy_level: 4}\n"
+     "precision_budget: {bits_per_weight: 7, extra_bits_per_weight: 1}\n", "precision_budget",
+     ["exactly one of bits_per_weight and extra_bits_per_weight"]),
+    (TARGET + "precision_budget: {bits_per_weight: 7}\n", "(top level)", ["accuracy_level 4"]),
+    (TARGET.replace("int4", "int8") + "precision_budget: {bits_per_weight: 7}\n", "(top level)",
+     ["an int4 model for the cpu provider"]),
 ])
 def test_bad_target_names_file_key_and_allowed(tmp_path, text, key, expected):
     path = write(tmp_path, "bad-target", text)
