@@ -386,6 +386,7 @@ class GateConfig(Strict):
 
 # What a sweep may vary: target keys as `section.key`, and whether a change needs a new conversion.
 SWEEP_KEYS = {**{f"builder_options.{k}": True for k in BuilderOptions.model_fields},
+              **{f"precision_budget.{k}": True for k in PrecisionBudget.model_fields},
               **{f"session_options.{k}": False for k in SessionOptions.model_fields}}
 
 

@@ -41,7 +41,7 @@ def test_each_point_is_a_child_run_of_the_sweep_and_its_steps_are_the_points_chi
     for parent, result in zip(sorted(swept["parents"], key=lambda r: r.info.start_time),
                               (swept["first"], swept["second"]), strict=True):
         assert [p["label"] for p in result["points"]] == [
-            "reference (cpu-fp32)", "base (cpu-int4)", "matmul_mixed_precision=last_matmul:int8",
+            "reference (cpu-fp32)", "base (cpu-int4)", "extra_bits_per_weight=0.3",
             "intra_op_num_threads=1"]
         for point in result["points"]:
             child = by_id[point["child_run_id"]]
@@ -57,7 +57,7 @@ def test_a_runtime_option_shares_the_base_conversion_and_a_builder_option_gets_i
     runs = {p["label"]: p["runs"] for p in swept["first"]["points"]}
     assert runs["intra_op_num_threads=1"]["convert_onnx"] == runs["base (cpu-int4)"]["convert_onnx"]
     assert runs["intra_op_num_threads=1"]["log_pyfunc"] != runs["base (cpu-int4)"]["log_pyfunc"]
-    assert runs["matmul_mixed_precision=last_matmul:int8"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
+    assert runs["extra_bits_per_weight=0.3"]["convert_onnx"] != runs["base (cpu-int4)"]["convert_onnx"]
 
 
 def test_the_second_sweep_reuses_every_step_of_every_point(swept):

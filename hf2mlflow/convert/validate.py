@@ -293,6 +293,6 @@ def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = 
             f"{WHERE} is below the target's quality_floor: {'; '.join(problems)} (teacher-forced against the "
             f"source model in PyTorch float32 on {summary['positions']} positions of the held-out text; "
             f"perplexity {summary['perplexity']:.2f} against the source's {summary['reference_perplexity']:.2f}). "
-            f"Use a recipe that keeps more precision (an 8-bit output layer, 8-bit mixed layers, a smaller "
+            f"Use a recipe that keeps more precision (an 8-bit output layer, a larger precision_budget, a smaller "
             f"block), or lower the floor in the target file")
     return summary
