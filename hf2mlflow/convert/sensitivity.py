@@ -258,7 +258,10 @@ def choose(source_dir: Path, target, trust_remote_code: bool, work: Path, low_me
         run_builder(source_dir, upgraded, work / "builder-cache", target, trust_remote_code, low_memory, log,
                     node_bits=every)
         try:
-            return measure(base, upgraded, reference, ids, target.session_options.model_dump(exclude_none=True), log)
+            # Every core for the measure, whatever the target serves with: the figures do not depend on it.
+            settings = {**target.session_options.model_dump(exclude_none=True),
+                        "intra_op_num_threads": os.cpu_count() or 1}
+            return measure(base, upgraded, reference, ids, settings, log)
         finally:
             shutil.rmtree(base, ignore_errors=True)
             shutil.rmtree(upgraded, ignore_errors=True)
