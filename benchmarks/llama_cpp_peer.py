@@ -54,10 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf2mlflow.measure import (BareGenAIRunner, decode_rate, logged_session_options, peak_rss_bytes,  # noqa: E402
+from hf2mlflow.measure import (BareGenAIRunner, decode_rate, logged_session_options, peak_rss_bytes,
                                timed_tokens)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -487,7 +484,7 @@ def length_prompts(lengths=LENGTHS) -> list[list[dict]]:
     (hf2mlflow.sources.gguf.byte_level_tokenizer: the tokenizer of the folder the project dequantizes, built in a
     second without dequantizing anything)."""
     from hf2mlflow.sources.gguf import byte_level_tokenizer
-    from suite_setup import prompt_of_length
+    from benchmarks.suite_setup import prompt_of_length
 
     tokenizer = byte_level_tokenizer(shipped_gguf())
     return [prompt_of_length(tokenizer, n) for n in lengths]
@@ -571,7 +568,7 @@ def table(results: dict) -> str:
 def machine() -> dict:
     import psutil
 
-    from suite_report import cpu_name
+    from benchmarks.suite_report import cpu_name
 
     return {"cores": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30, "cpu": cpu_name(),
             "machine": platform.machine()}
@@ -605,7 +602,7 @@ def run(args, log=print) -> dict:
     """Everything measured for these arguments (also what benchmarks/suite.py calls, with fewer rounds)."""
     import mlflow
 
-    from suite_setup import models_store
+    from benchmarks.suite_setup import models_store
 
     started = time.time()
     user_uri = mlflow.get_tracking_uri()
@@ -746,7 +743,7 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     import mlflow
 
-    from docs_blocks import update_docs
+    from benchmarks.docs_blocks import update_docs
 
     results = run(args)
     text = table(results)

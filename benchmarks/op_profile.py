@@ -39,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_cpp_peer import (CHAT, LlamaRunner, command_line, extra_onnx, llama_cpp_problem, onnx_runtimes,  # noqa: E402
-                            own_cpu_seconds, quiet_fresh, shipped_gguf, versions, wait_until_idle)
+from benchmarks.llama_cpp_peer import (CHAT, LlamaRunner, command_line, extra_onnx, llama_cpp_problem,
+                                       onnx_runtimes, own_cpu_seconds, quiet_fresh, shipped_gguf, versions,
+                                       wait_until_idle)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOP = 12  # op types per table; the rest are summed in one row
@@ -268,8 +266,8 @@ def main(argv=None) -> dict:
     import mlflow
     import psutil
 
-    from docs_blocks import update_docs
-    from suite_setup import models_store
+    from benchmarks.docs_blocks import update_docs
+    from benchmarks.suite_setup import models_store
 
     started = time.time()
     profiles = {}

@@ -16,25 +16,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
+from hf2mlflow import CONFIGS_DIR
+from hf2mlflow.convert.step import ConvertArgs, convert
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+from hf2mlflow.convert.genai_builder import builder_version
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 
-from hf2mlflow import CONFIGS_DIR  # noqa: E402
-from hf2mlflow.convert.step import ConvertArgs, convert  # noqa: E402
-from hf2mlflow.evaluate.step import EvaluateArgs, evaluate  # noqa: E402
-from hf2mlflow.convert.genai_builder import builder_version  # noqa: E402
-from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
-from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
+from benchmarks.docs_blocks import update_docs
 
 # name: the int4 builder options that differ from the shipped cpu-int4 target's.
 INT4_VARIANTS = {

@@ -29,12 +29,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-
-from suite_report import cpu_name  # noqa: E402
-from suite_setup import models_store  # noqa: E402
+from benchmarks.suite_report import cpu_name
+from benchmarks.suite_setup import models_store
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 DATASET = "capitals-and-facts"

@@ -24,20 +24,17 @@ import concurrent.futures
 import json
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
-from suite_report import cpu_name  # noqa: E402
-from suite_sections import _free_port, speed_rounds  # noqa: E402
-from suite_setup import models_store, prompt_of_length  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.suite_report import cpu_name
+from benchmarks.suite_sections import _free_port, speed_rounds
+from benchmarks.suite_setup import models_store, prompt_of_length
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 BEFORE_COMMIT = "d5f3bf6"  # the last commit with static batching (hf2mlflow/runtime/genai_chat.py, batching.py)

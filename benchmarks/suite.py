@@ -36,21 +36,17 @@ docs_blocks.py (--update-docs); llama_cpp_peer.py (section 7).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.cuda import cuda_problems, install_hint
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.cuda import cuda_problems, install_hint  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
-from llama_cpp_peer import suite_section as llama_cpp_section  # noqa: E402
-from suite_report import collect, log_run, report, write_results  # noqa: E402
-from suite_sections import parity, prompt_lengths, served, speed_rounds  # noqa: E402
-from suite_setup import DEVICES, full_size_conversion, inputs, models_store  # noqa: E402
-from suite_setup import prepare_models  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.llama_cpp_peer import suite_section as llama_cpp_section
+from benchmarks.suite_report import collect, log_run, report, write_results
+from benchmarks.suite_sections import parity, prompt_lengths, served, speed_rounds
+from benchmarks.suite_setup import DEVICES, full_size_conversion, inputs, models_store
+from benchmarks.suite_setup import prepare_models
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 

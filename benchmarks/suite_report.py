@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hf2mlflow.contract import installed
-from suite_setup import DEVICES, has_bf16
+from benchmarks.suite_setup import DEVICES, has_bf16
 
 
 def collect(args, inputs, started: float, models: dict, full, speed: dict, agreement: dict, serving: dict,

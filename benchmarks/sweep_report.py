@@ -14,17 +14,14 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.workflow.sweep_grid import failure_summary
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.workflow.sweep_grid import failure_summary  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
+from benchmarks.docs_blocks import update_docs
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 

@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
+from hf2mlflow import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 # The middle tier again in one process: what the two workers (-n 2 in pyproject.toml) gain, side by side.
@@ -73,7 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-ci", action="store_true", help="skip .ci/run; time the tiers in this checkout")
     parser.add_argument("--output", default=str(RESULTS / "test_tiers"), help="results path, without suffix")
     args = parser.parse_args(argv)
-    from suite_report import cpu_name  # a sibling script: benchmarks/ is on the path when this runs as one
+    from benchmarks.suite_report import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="test-tiers-"))
     log = work / "test_tiers.log"
