@@ -1,8 +1,8 @@
 """Peak memory and time of the model builder's int4 conversion, standard path vs low-memory path.
 
-    python benchmarks/convert_memory.py                 # 4-layer Phi-3-mini-shaped model, both paths
-    python benchmarks/convert_memory.py --layers 32     # the full 3.8 B model (standard runs only if it fits)
-    python benchmarks/convert_memory.py --quick         # tiny-phi3, seconds (the test suite runs this)
+    python -m benchmarks.convert_memory                 # 4-layer Phi-3-mini-shaped model, both paths
+    python -m benchmarks.convert_memory --layers 32     # the full 3.8 B model (standard runs only if it fits)
+    python -m benchmarks.convert_memory --quick         # tiny-phi3, seconds (the test suite runs this)
 
 The model is built by the project (random weights, Phi-3-mini's exact width, stored in bf16 like the published
 checkpoint; hf2mlflow.sources.tiny.phi3_mini_shape_path). Each path runs the builder in its own process, as

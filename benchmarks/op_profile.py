@@ -1,10 +1,10 @@
 """Why the fastest is fast: where a greedy generation's time goes, per operator type, in onnxruntime-genai and in
 llama.cpp, on the same trained weights.
 
-    python benchmarks/op_profile.py                    # our cpu-int4 of smollm2-135m-instruct and llama.cpp Q4_1
-    python benchmarks/op_profile.py --update-docs      # and rewrite docs/performance.md's op_profile block
-    python benchmarks/op_profile.py --onnx-model pick=models:/smollm2-sweep@best --tokens 64
-    python benchmarks/op_profile.py --onnx-model fp32=/path/to/onnx/folder --no-llama
+    python -m benchmarks.op_profile                    # our cpu-int4 of smollm2-135m-instruct and llama.cpp Q4_1
+    python -m benchmarks.op_profile --update-docs      # and rewrite docs/performance.md's op_profile block
+    python -m benchmarks.op_profile --onnx-model pick=models:/smollm2-sweep@best --tokens 64
+    python -m benchmarks.op_profile --onnx-model fp32=/path/to/onnx/folder --no-llama
 
 ONNX side: onnxruntime's own profiler, switched on through genai_config's decoder session option
 `enable_profiling` (a file prefix; og.Config(folder).overlay(...)), with the session options of
@@ -254,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--update-docs", action="store_true",
                         help="rewrite the op_profile block of docs/performance.md")
     args = parser.parse_args(argv)
-    args.command = command_line("op_profile.py", argv)
+    args.command = command_line("op_profile", argv)
     return args
 
 

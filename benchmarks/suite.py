@@ -1,11 +1,11 @@
 """How fast, how big, how much memory: the project's models against the alternatives, measured in one run.
 
-    python benchmarks/suite.py                   # 4-layer Phi-3-mini-shaped model (about 15 minutes on 2 cores)
-    python benchmarks/suite.py --layers 32       # the full 3.8 B model
-    python benchmarks/suite.py --full-conversion # and convert the full 32-layer model too (section 5)
-    python benchmarks/suite.py --quick           # tiny-phi3, a smoke run (the test suite runs this)
-    python benchmarks/suite.py --update-docs     # and rewrite docs/performance.md's suite block from this run
-    python benchmarks/suite.py --device cuda     # the cuda targets on an NVIDIA GPU (see suite_setup.DEVICES)
+    python -m benchmarks.suite                   # 4-layer Phi-3-mini-shaped model (about 15 minutes on 2 cores)
+    python -m benchmarks.suite --layers 32       # the full 3.8 B model
+    python -m benchmarks.suite --full-conversion # and convert the full 32-layer model too (section 5)
+    python -m benchmarks.suite --quick           # tiny-phi3, a smoke run (the test suite runs this)
+    python -m benchmarks.suite --update-docs     # and rewrite docs/performance.md's suite block from this run
+    python -m benchmarks.suite --device cuda     # the cuda targets on an NVIDIA GPU (see suite_setup.DEVICES)
 
 What it compares, all on the same prompts and numbers of new tokens:
 1. the logged ONNX pyfunc through MLflow vs a bare onnxruntime-genai loop on the same files (the wrapper's price);
