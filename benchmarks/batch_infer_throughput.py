@@ -13,8 +13,8 @@ temporary MLflow store, so nothing else is touched):
 Both are warmed up once, then run `--repeats` times interleaved (spark, loop, spark, loop, ...), greedy, with
 `--max_tokens` new tokens per row. Prints a markdown table and writes the figures as JSON to `--output`.
 
-    python benchmarks/batch_infer_throughput.py              # 200 rows, 3 repeats
-    python benchmarks/batch_infer_throughput.py --quick      # 16 rows, 1 repeat (smoke run)
+    python -m benchmarks.batch_infer_throughput              # 200 rows, 3 repeats
+    python -m benchmarks.batch_infer_throughput --quick      # 16 rows, 1 repeat (smoke run)
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "batch_infer_throughput.json"
 
 
@@ -158,7 +157,7 @@ def main(argv=None) -> dict:
               f"loop {loop_m['completion_tokens']}")
     results = {
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python benchmarks/batch_infer_throughput.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m benchmarks.batch_infer_throughput", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                 * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                     "python": platform.python_version()},

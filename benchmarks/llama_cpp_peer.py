@@ -1,11 +1,11 @@
 """llama.cpp beside our onnxruntime-genai conversions, on the same trained weights: speed, memory, size and quality
 in one table, measured in one run.
 
-    python benchmarks/llama_cpp_peer.py                  # SmolLM2-135M-Instruct, 3 rounds (about 10 minutes on 2 cores)
-    python benchmarks/llama_cpp_peer.py --update-docs    # and rewrite docs/performance.md's llama_cpp_peer block
-    python benchmarks/llama_cpp_peer.py --threads 4 --rounds 5 --max-tokens 256
-    python benchmarks/llama_cpp_peer.py --onnx-model pick=models:/smollm2-sweep@best   # add a logged model
-    python benchmarks/llama_cpp_peer.py --onnx-model mine=/path/to/onnx/folder --onnx-targets cpu-int4
+    python -m benchmarks.llama_cpp_peer                  # SmolLM2-135M-Instruct, 3 rounds (about 10 minutes on 2 cores)
+    python -m benchmarks.llama_cpp_peer --update-docs    # and rewrite docs/performance.md's llama_cpp_peer block
+    python -m benchmarks.llama_cpp_peer --threads 4 --rounds 5 --max-tokens 256
+    python -m benchmarks.llama_cpp_peer --onnx-model pick=models:/smollm2-sweep@best   # add a logged model
+    python -m benchmarks.llama_cpp_peer --onnx-model mine=/path/to/onnx/folder --onnx-targets cpu-int4
 
 Needs llama-cpp-python (`pip install '.[llama]'`, which compiles llama.cpp from source); without it the script
 says so and exits with status 2.
@@ -54,10 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf2mlflow.measure import (BareGenAIRunner, decode_rate, logged_session_options, peak_rss_bytes,  # noqa: E402
+from hf2mlflow.measure import (BareGenAIRunner, decode_rate, logged_session_options, peak_rss_bytes,
                                timed_tokens)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -277,9 +274,10 @@ class LlamaRunner:
 
 
 def command_line(script: str, argv) -> str:
-    """The command as run, for the results (without --update-docs, which changes no figure)."""
+    """The command as run (`script`: a module of benchmarks/), for the results (without --update-docs, which changes
+    no figure)."""
     given = sys.argv[1:] if argv is None else argv
-    return f"python benchmarks/{script}" + "".join(f" {shlex.quote(a)}" for a in given if a != "--update-docs")
+    return f"python -m benchmarks.{script}" + "".join(f" {shlex.quote(a)}" for a in given if a != "--update-docs")
 
 
 def open_runner(runtime: dict, threads: int, n_ctx: int = 2048):
@@ -487,7 +485,7 @@ def length_prompts(lengths=LENGTHS) -> list[list[dict]]:
     (hf2mlflow.sources.gguf.byte_level_tokenizer: the tokenizer of the folder the project dequantizes, built in a
     second without dequantizing anything)."""
     from hf2mlflow.sources.gguf import byte_level_tokenizer
-    from suite_setup import prompt_of_length
+    from benchmarks.suite_setup import prompt_of_length
 
     tokenizer = byte_level_tokenizer(shipped_gguf())
     return [prompt_of_length(tokenizer, n) for n in lengths]
@@ -571,7 +569,7 @@ def table(results: dict) -> str:
 def machine() -> dict:
     import psutil
 
-    from suite_report import cpu_name
+    from benchmarks.suite_report import cpu_name
 
     return {"cores": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30, "cpu": cpu_name(),
             "machine": platform.machine()}
@@ -605,7 +603,7 @@ def run(args, log=print) -> dict:
     """Everything measured for these arguments (also what benchmarks/suite.py calls, with fewer rounds)."""
     import mlflow
 
-    from suite_setup import models_store
+    from benchmarks.suite_setup import models_store
 
     started = time.time()
     user_uri = mlflow.get_tracking_uri()
@@ -641,7 +639,7 @@ def suite_section(quick: bool, rounds: int, max_tokens: int, threads: int = 2, l
         args = argparse.Namespace(
             threads=threads, rounds=1 if quick else min(rounds, 2), max_tokens=16 if quick else max_tokens,
             llama_quants=[] if quick else list(LLAMA_QUANTS), onnx_model=[], lengths=lengths,
-            command="python benchmarks/suite.py" + (" --quick" if quick else ""))
+            command="python -m benchmarks.suite" + (" --quick" if quick else ""))
         log(f"[llama.cpp] {MODEL}: llama.cpp beside our conversions, {args.rounds} round(s)", flush=True)
         runtimes = llama_runtimes(args.llama_quants, threads, log)
         if not quick:
@@ -735,7 +733,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown := [q for q in args.llama_quants if q not in LLAMA_QUANTS]:
         parser.error(f"unknown --llama-quants {', '.join(unknown)}; allowed: {', '.join(LLAMA_QUANTS)}")
     args.lengths = LENGTHS
-    args.command = command_line("llama_cpp_peer.py", argv)
+    args.command = command_line("llama_cpp_peer", argv)
     return args
 
 
@@ -746,7 +744,7 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     import mlflow
 
-    from docs_blocks import update_docs
+    from benchmarks.docs_blocks import update_docs
 
     results = run(args)
     text = table(results)

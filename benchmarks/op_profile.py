@@ -1,10 +1,10 @@
 """Why the fastest is fast: where a greedy generation's time goes, per operator type, in onnxruntime-genai and in
 llama.cpp, on the same trained weights.
 
-    python benchmarks/op_profile.py                    # our cpu-int4 of smollm2-135m-instruct and llama.cpp Q4_1
-    python benchmarks/op_profile.py --update-docs      # and rewrite docs/performance.md's op_profile block
-    python benchmarks/op_profile.py --onnx-model pick=models:/smollm2-sweep@best --tokens 64
-    python benchmarks/op_profile.py --onnx-model fp32=/path/to/onnx/folder --no-llama
+    python -m benchmarks.op_profile                    # our cpu-int4 of smollm2-135m-instruct and llama.cpp Q4_1
+    python -m benchmarks.op_profile --update-docs      # and rewrite docs/performance.md's op_profile block
+    python -m benchmarks.op_profile --onnx-model pick=models:/smollm2-sweep@best --tokens 64
+    python -m benchmarks.op_profile --onnx-model fp32=/path/to/onnx/folder --no-llama
 
 ONNX side: onnxruntime's own profiler, switched on through genai_config's decoder session option
 `enable_profiling` (a file prefix; og.Config(folder).overlay(...)), with the session options of
@@ -39,11 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llama_cpp_peer import (CHAT, LlamaRunner, command_line, extra_onnx, llama_cpp_problem, onnx_runtimes,  # noqa: E402
-                            own_cpu_seconds, quiet_fresh, shipped_gguf, versions, wait_until_idle)
+from benchmarks.llama_cpp_peer import (CHAT, LlamaRunner, command_line, extra_onnx, llama_cpp_problem,
+                                       onnx_runtimes, own_cpu_seconds, quiet_fresh, shipped_gguf, versions,
+                                       wait_until_idle)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOP = 12  # op types per table; the rest are summed in one row
@@ -256,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--update-docs", action="store_true",
                         help="rewrite the op_profile block of docs/performance.md")
     args = parser.parse_args(argv)
-    args.command = command_line("op_profile.py", argv)
+    args.command = command_line("op_profile", argv)
     return args
 
 
@@ -268,8 +266,8 @@ def main(argv=None) -> dict:
     import mlflow
     import psutil
 
-    from docs_blocks import update_docs
-    from suite_setup import models_store
+    from benchmarks.docs_blocks import update_docs
+    from benchmarks.suite_setup import models_store
 
     started = time.time()
     profiles = {}

@@ -2,12 +2,12 @@
 as llama.cpp's `llama-perplexity --kl-divergence` reports it): mean and 99th-percentile KL divergence, top-1
 agreement and perplexity on the held-out English text hf2mlflow/sources/data/held_out_english.txt.
 
-    python benchmarks/quality_kld.py                # the trained SmolLM2-135M-Instruct: cpu-fp32, cpu-int8, cpu-int4
-    python benchmarks/quality_kld.py --quick        # tiny-phi3 (random weights), windows of 128: a smoke run
-    python benchmarks/quality_kld.py --name quality_kld_int4_recipes \
+    python -m benchmarks.quality_kld                # the trained SmolLM2-135M-Instruct: cpu-fp32, cpu-int8, cpu-int4
+    python -m benchmarks.quality_kld --quick        # tiny-phi3 (random weights), windows of 128: a smoke run
+    python -m benchmarks.quality_kld --name quality_kld_int4_recipes \
         --targets cpu-int4,$(ls benchmarks/int4_recipes/*.yaml | paste -sd,)   # int4 recipes side by side
-    python benchmarks/quality_kld.py --off-grid --name quality_kld_int4_recipes_off_grid --targets ...
-    python benchmarks/quality_kld.py --model gemma3-270m --name quality_kld_gemma3 --targets ... \
+    python -m benchmarks.quality_kld --off-grid --name quality_kld_int4_recipes_off_grid --targets ...
+    python -m benchmarks.quality_kld --model gemma3-270m --name quality_kld_gemma3 --targets ... \
         --builder-only "why convert_onnx refuses it"    # a model convert_onnx refuses: the builder's output
 
 --off-grid scores the recipes on weights that sit on no 4-bit grid. The trained model's float weights are the
@@ -30,12 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-
-from suite_report import cpu_name  # noqa: E402
-from suite_setup import models_store  # noqa: E402
+from benchmarks.suite_report import cpu_name
+from benchmarks.suite_setup import models_store
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
@@ -170,7 +168,7 @@ def main(argv=None) -> dict:
                                             "perplexity": first["reference_perplexity"],
                                             "size_mib": folder_bytes(source) / 2**20}, **rows}
     given = sys.argv[1:] if argv is None else argv
-    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python benchmarks/quality_kld.py", *given]),
+    results = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python -m benchmarks.quality_kld", *given]),
                "model": label,
                "window": args.window,
                "text": TEXT, "tokens": len(ids), "positions": first["positions"],

@@ -2,9 +2,9 @@
 int8 and the transformers flavor: every variant converted, logged and evaluated on the shipped dataset in one
 evaluate run (one fresh process per model), tracked in the MLflow experiment "quantization-sweep".
 
-    python benchmarks/quantization_sweep.py                  # smollm2-135m-instruct, all 30 prompts
-    python benchmarks/quantization_sweep.py --update-docs    # and rewrite docs/performance.md's quantization table
-    python benchmarks/quantization_sweep.py --quick          # tiny-phi3, 3 prompts, 2 variants (the tests)
+    python -m benchmarks.quantization_sweep                  # smollm2-135m-instruct, all 30 prompts
+    python -m benchmarks.quantization_sweep --update-docs    # and rewrite docs/performance.md's quantization table
+    python -m benchmarks.quantization_sweep --quick          # tiny-phi3, 3 prompts, 2 variants (the tests)
 
 Each int4 variant is configs/targets/cpu-int4.yaml with only `builder_options.algo_config` and
 `matmul_mixed_precision` changed, so block size 32 and accuracy level 4 stay those of the shipped target.
@@ -16,25 +16,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
+from hf2mlflow import CONFIGS_DIR
+from hf2mlflow.convert.step import ConvertArgs, convert
+from hf2mlflow.evaluate.step import EvaluateArgs, evaluate
+from hf2mlflow.convert.genai_builder import builder_version
+from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc
+from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers
 
-from hf2mlflow import CONFIGS_DIR  # noqa: E402
-from hf2mlflow.convert.step import ConvertArgs, convert  # noqa: E402
-from hf2mlflow.evaluate.step import EvaluateArgs, evaluate  # noqa: E402
-from hf2mlflow.convert.genai_builder import builder_version  # noqa: E402
-from hf2mlflow.log_model.pyfunc import LogPyfuncArgs, log_pyfunc  # noqa: E402
-from hf2mlflow.log_model.transformers_flavor import LogTransformersArgs, log_transformers  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
+from benchmarks.docs_blocks import update_docs
 
 # name: the int4 builder options that differ from the shipped cpu-int4 target's.
 INT4_VARIANTS = {
@@ -134,7 +131,7 @@ def main(argv=None) -> list[dict]:
             for (label, options, _, run_id), summary in zip(entries, summaries)]
     minutes = (time.perf_counter() - start) / 60
     examples = mlflow.get_run(eval_run).data.params["examples"]
-    header = (f"`python benchmarks/quantization_sweep.py{' --quick' if args.quick else ''}`: {model}, {examples} "
+    header = (f"`python -m benchmarks.quantization_sweep{' --quick' if args.quick else ''}`: {model}, {examples} "
               f"prompts of capitals-and-facts, greedy, onnxruntime-genai {builder_version()}, block size 32, "
               f"accuracy level 4, {platform.machine()} with {os.cpu_count()} cores; evaluate run "
               f"{eval_run}; {minutes:.0f} min in all.")

@@ -2,8 +2,8 @@
 our decode loop over the builder's graph, continuous batching) against onnxruntime-genai over the same files and
 against the source model in PyTorch float32, for each cpu target.
 
-    python benchmarks/served_parity.py            # the trained SmolLM2-135M-Instruct: cpu-fp32 and cpu-int4
-    python benchmarks/served_parity.py --quick    # tiny-phi3 (random weights), cpu-fp32, 8 prompts,
+    python -m benchmarks.served_parity            # the trained SmolLM2-135M-Instruct: cpu-fp32 and cpu-int4
+    python -m benchmarks.served_parity --quick    # tiny-phi3 (random weights), cpu-fp32, 8 prompts,
                                                   # windows of 128: a smoke run
 
 Per target, on the prompts of the shipped dataset (capitals-and-facts, its max_new_tokens, greedy), every
@@ -29,12 +29,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-
-from suite_report import cpu_name  # noqa: E402
-from suite_setup import models_store  # noqa: E402
+from benchmarks.suite_report import cpu_name
+from benchmarks.suite_setup import models_store
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 DATASET = "capitals-and-facts"
@@ -221,7 +219,7 @@ def main(argv=None) -> dict:
                                              torch_tokens, held_out, cache)
     given = sys.argv[1:] if argv is None else argv
     results = {"date": time.strftime("%Y-%m-%d"),
-               "command": " ".join(["python benchmarks/served_parity.py", *given]),
+               "command": " ".join(["python -m benchmarks.served_parity", *given]),
                "model": args.model, "dataset": DATASET, "prompts": len(prompts),
                "max_new_tokens": args.max_new_tokens, "batch": BATCH, "window": args.window, "text": TEXT,
                "tokens": len(held_out),

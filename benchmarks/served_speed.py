@@ -1,10 +1,10 @@
 """Served speed: the logged pyfunc against the bare runtime it wraps, before and after continuous batching,
 side by side in one run, with the project's one timing harness (hf2mlflow/measure.py).
 
-    python benchmarks/served_speed.py                 # trained SmolLM2-135M-Instruct and the 4-layer
+    python -m benchmarks.served_speed                 # trained SmolLM2-135M-Instruct and the 4-layer
                                                       # Phi-3-mini-shaped model, cpu-int4, 3 rounds
-    python benchmarks/served_speed.py --quick         # tiny-phi3, one round, no "before" model (the tests)
-    python benchmarks/served_speed.py --update-docs   # and rewrite its block in docs/performance.md
+    python -m benchmarks.served_speed --quick         # tiny-phi3, one round, no "before" model (the tests)
+    python -m benchmarks.served_speed --update-docs   # and rewrite its block in docs/performance.md
 
 "Before" is the same conversion logged with the runtime of commit BEFORE_COMMIT (static batches; a lone
 sequence decoding beside a copy of itself; a 20 ms join wait); "after" is this checkout's runtime. Two tables:
@@ -24,20 +24,17 @@ import concurrent.futures
 import json
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
-from suite_report import cpu_name  # noqa: E402
-from suite_sections import _free_port, speed_rounds  # noqa: E402
-from suite_setup import models_store, prompt_of_length  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.suite_report import cpu_name
+from benchmarks.suite_sections import _free_port, speed_rounds
+from benchmarks.suite_setup import models_store, prompt_of_length
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 BEFORE_COMMIT = "d5f3bf6"  # the last commit with static batching (hf2mlflow/runtime/genai_chat.py, batching.py)
@@ -258,7 +255,7 @@ def main(argv=None) -> dict:
     if args.render:
         return write(json.loads((Path(args.output_dir) / "served_speed.json").read_text()), args)
     before = not args.quick
-    results = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/served_speed.py"
+    results = {"date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.served_speed"
                + (" --quick" if args.quick else ""), "rounds": args.rounds,
                "machine": f"{psutil.cpu_count()} cores, {cpu_name()}", "lone": {}, "load": {},
                "load_tokens": args.load_tokens, "stagger": args.stagger}

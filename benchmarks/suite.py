@@ -1,11 +1,11 @@
 """How fast, how big, how much memory: the project's models against the alternatives, measured in one run.
 
-    python benchmarks/suite.py                   # 4-layer Phi-3-mini-shaped model (about 15 minutes on 2 cores)
-    python benchmarks/suite.py --layers 32       # the full 3.8 B model
-    python benchmarks/suite.py --full-conversion # and convert the full 32-layer model too (section 5)
-    python benchmarks/suite.py --quick           # tiny-phi3, a smoke run (the test suite runs this)
-    python benchmarks/suite.py --update-docs     # and rewrite docs/performance.md's suite block from this run
-    python benchmarks/suite.py --device cuda     # the cuda targets on an NVIDIA GPU (see suite_setup.DEVICES)
+    python -m benchmarks.suite                   # 4-layer Phi-3-mini-shaped model (about 15 minutes on 2 cores)
+    python -m benchmarks.suite --layers 32       # the full 3.8 B model
+    python -m benchmarks.suite --full-conversion # and convert the full 32-layer model too (section 5)
+    python -m benchmarks.suite --quick           # tiny-phi3, a smoke run (the test suite runs this)
+    python -m benchmarks.suite --update-docs     # and rewrite docs/performance.md's suite block from this run
+    python -m benchmarks.suite --device cuda     # the cuda targets on an NVIDIA GPU (see suite_setup.DEVICES)
 
 What it compares, all on the same prompts and numbers of new tokens:
 1. the logged ONNX pyfunc through MLflow vs a bare onnxruntime-genai loop on the same files (the wrapper's price);
@@ -36,21 +36,17 @@ docs_blocks.py (--update-docs); llama_cpp_peer.py (section 7).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.cuda import cuda_problems, install_hint
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.cuda import cuda_problems, install_hint  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
-from llama_cpp_peer import suite_section as llama_cpp_section  # noqa: E402
-from suite_report import collect, log_run, report, write_results  # noqa: E402
-from suite_sections import parity, prompt_lengths, served, speed_rounds  # noqa: E402
-from suite_setup import DEVICES, full_size_conversion, inputs, models_store  # noqa: E402
-from suite_setup import prepare_models  # noqa: E402
+from benchmarks.docs_blocks import update_docs
+from benchmarks.llama_cpp_peer import suite_section as llama_cpp_section
+from benchmarks.suite_report import collect, log_run, report, write_results
+from benchmarks.suite_sections import parity, prompt_lengths, served, speed_rounds
+from benchmarks.suite_setup import DEVICES, full_size_conversion, inputs, models_store
+from benchmarks.suite_setup import prepare_models
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hf2mlflow.contract import installed
-from suite_setup import DEVICES, has_bf16
+from benchmarks.suite_setup import DEVICES, has_bf16
 
 
 def collect(args, inputs, started: float, models: dict, full, speed: dict, agreement: dict, serving: dict,
@@ -27,7 +27,7 @@ def collect(args, inputs, started: float, models: dict, full, speed: dict, agree
     conversion = {name: m["conversion"] for name, m in models.items() if name.startswith("onnx-")}
     if full:
         conversion[full[0]] = full[1]
-    command = ("python benchmarks/suite.py" + (" --quick" if args.quick else f" --layers {args.layers}")
+    command = ("python -m benchmarks.suite" + (" --quick" if args.quick else f" --layers {args.layers}")
                + ("" if args.device == "cpu" else f" --device {args.device}")
                + (" --full-conversion" if args.full_conversion else ""))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""

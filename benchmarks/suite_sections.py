@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from hf2mlflow.measure import SERVED
-from suite_measure import in_fresh_process, median, summarize
-from suite_setup import prompt_of_length
+from benchmarks.suite_measure import in_fresh_process, median, summarize
+from benchmarks.suite_setup import prompt_of_length
 
 
 def speed_rounds(models: dict, prompts: list, max_tokens: int, rounds: int) -> dict:

@@ -1,8 +1,8 @@
 """A finished `sweep` run as the sweep block of docs/performance.md and benchmarks/results/sweep.{md,json,png}.
 
     mlflow run . -e sweep --env-manager local                       # the shipped grid (about an hour on 2 cores)
-    python benchmarks/sweep_report.py                               # the newest FINISHED sweep run in the store
-    python benchmarks/sweep_report.py --run_id RUN --update-docs    # that run, and rewrite the docs block
+    python -m benchmarks.sweep_report                               # the newest FINISHED sweep run in the store
+    python -m benchmarks.sweep_report --run_id RUN --update-docs    # that run, and rewrite the docs block
 
 The numbers are the sweep's own (its table, its pick and the reason, its failed points); this script only
 copies them out of the tracking store in use, with the machine they were measured on.
@@ -14,17 +14,14 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
 
-import mlflow  # noqa: E402
+from hf2mlflow import PROJECT_ROOT
+from hf2mlflow.workflow.sweep_grid import failure_summary
 
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
-from hf2mlflow.workflow.sweep_grid import failure_summary  # noqa: E402
-
-from docs_blocks import update_docs  # noqa: E402
+from benchmarks.docs_blocks import update_docs
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 

@@ -1,9 +1,9 @@
 """How long the test tiers and CI take (README, "Tests: three tiers"), in a fresh clone of this checkout's HEAD.
 
-    python benchmarks/test_tiers.py               # .ci/run in a fresh clone (install, set-up, every test), then
+    python -m benchmarks.test_tiers               # .ci/run in a fresh clone (install, set-up, every test), then
                                                   # the unit and middle tiers there (the middle one also in one
                                                   # process, -n 0), and a step's --help
-    python benchmarks/test_tiers.py --no-ci       # the tiers only (the set-up command must have run here once)
+    python -m benchmarks.test_tiers --no-ci       # the tiers only (the set-up command must have run here once)
 
 `.ci/run` installs into the current Python (as CI does); run it where that is what you want. Writes
 benchmarks/results/test_tiers.{md,json} and prints the table.
@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf2mlflow import PROJECT_ROOT  # noqa: E402
+from hf2mlflow import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 # The middle tier again in one process: what the two workers (-n 2 in pyproject.toml) gain, side by side.
@@ -73,7 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-ci", action="store_true", help="skip .ci/run; time the tiers in this checkout")
     parser.add_argument("--output", default=str(RESULTS / "test_tiers"), help="results path, without suffix")
     args = parser.parse_args(argv)
-    from suite_report import cpu_name  # a sibling script: benchmarks/ is on the path when this runs as one
+    from benchmarks.suite_report import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="test-tiers-"))
     log = work / "test_tiers.log"
@@ -101,7 +99,7 @@ def main(argv=None) -> dict:
     rows["help"] = {"command": "python steps/convert_onnx.py --help (median of 5)", "seconds": help_seconds(checkout),
                     "exit_code": 0, "counts": "", "pytest_seconds": None}
 
-    lines = [f"`python benchmarks/test_tiers.py{' --no-ci' if args.no_ci else ''}` at {commit}, {env_note}",
+    lines = [f"`python -m benchmarks.test_tiers{' --no-ci' if args.no_ci else ''}` at {commit}, {env_note}",
              "", "| what | command | result | wall s | pytest s |", "|---|---|---|---|---|"]
     for name, row in rows.items():
         result = row["counts"] if row["exit_code"] == 0 else f"exit {row['exit_code']}: {row['counts']}"

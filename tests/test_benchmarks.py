@@ -14,13 +14,19 @@ from hf2mlflow import PROJECT_ROOT
 
 
 def run_quick(script: str, output_dir) -> subprocess.CompletedProcess:
-    """benchmarks/SCRIPT --quick --output_dir OUTPUT_DIR, in a store of its own and offline; it must succeed."""
+    """python -m benchmarks.SCRIPT --quick --output_dir OUTPUT_DIR, in a store of its own and offline; it must
+    succeed."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--output_dir", str(output_dir)],
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--quick", "--output_dir", str(output_dir)],
                           cwd=PROJECT_ROOT, env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def python_path() -> str:
+    """PYTHONPATH for `python -m benchmarks.NAME` run in another folder: the project root first."""
+    return os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.mark.slow
@@ -28,7 +34,7 @@ def test_batch_infer_throughput_quick(tmp_path):
     out = tmp_path / "out.json"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env["HF_HUB_OFFLINE"] = "1"  # the script makes its own temporary store; the tiny model needs no hub
-    proc = subprocess.run([sys.executable, "benchmarks/batch_infer_throughput.py", "--quick", "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.batch_infer_throughput", "--quick", "--output", str(out)],
                           cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -42,7 +48,7 @@ def test_batch_infer_throughput_quick(tmp_path):
 @pytest.mark.slow
 def test_convert_memory_quick(tmp_path):
     out = tmp_path / "convert.json"
-    proc = subprocess.run([sys.executable, "benchmarks/convert_memory.py", "--quick", "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.convert_memory", "--quick", "--output", str(out)],
                           cwd=PROJECT_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,7 +64,7 @@ def test_suite_quick(tmp_path):
     import mlflow
 
     out, store = tmp_path / "suite", f"sqlite:///{tmp_path}/bench.db"
-    proc = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--full-conversion",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--quick", "--full-conversion",
                            "--output_dir", str(out)],
                           cwd=PROJECT_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=store),
                           capture_output=True, text=True, timeout=900)
@@ -99,11 +105,8 @@ def test_suite_quick(tmp_path):
 
 
 def _peer_module():
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    try:
-        import llama_cpp_peer
-    finally:
-        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    from benchmarks import llama_cpp_peer
+
     return llama_cpp_peer
 
 
@@ -130,9 +133,9 @@ def test_llama_cpp_peer_smoke(tmp_path):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install '.[llama]')")
     out = tmp_path / "peer"
-    proc = subprocess.run([sys.executable, "benchmarks/llama_cpp_peer.py", "--onnx-targets", "", "--llama-quants", "",
-                           "--rounds", "1", "--no-warmup", "--busy", "--max-tokens", "32", "--limit", "3",
-                           "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.llama_cpp_peer", "--onnx-targets", "",
+                           "--llama-quants", "", "--rounds", "1", "--no-warmup", "--busy", "--max-tokens", "32",
+                           "--limit", "3", "--output", str(out)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -153,7 +156,7 @@ def test_suite_quick_cuda(tmp_path):
 
     out, db = tmp_path / "suite", tmp_path / "bench.db"
     start = time.perf_counter()
-    command = [sys.executable, "benchmarks/suite.py", "--quick", "--device", "cuda", "--output_dir", str(out)]
+    command = [sys.executable, "-m", "benchmarks.suite", "--quick", "--device", "cuda", "--output_dir", str(out)]
     proc = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
     seconds = time.perf_counter() - start
@@ -180,8 +183,8 @@ def test_suite_quick_cuda(tmp_path):
 def test_quantization_sweep_quick(tmp_path):
     out = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    env.update(HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "quantization_sweep.py"), "--quick",
+    env.update(HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", PYTHONPATH=python_path())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quantization_sweep", "--quick",
                            "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -194,8 +197,8 @@ def test_quantization_sweep_quick(tmp_path):
 @pytest.mark.slow
 def test_batching_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-    env.update(HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "benchmarks" / "batching.py"), "--quick",
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=python_path())
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.batching", "--quick",
                            "--output_dir", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -212,11 +215,8 @@ def test_batching_quick(tmp_path):
 
 def test_update_docs_rewrites_only_its_block(tmp_path):
     """`--update-docs` (suite, batching, quantization_sweep) rewrites its block of docs/performance.md, nothing else."""
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    try:
-        from docs_blocks import PERFORMANCE_DOC, SECTIONS, update_docs
-    finally:
-        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    from benchmarks.docs_blocks import PERFORMANCE_DOC, SECTIONS, update_docs
+
     assert PERFORMANCE_DOC == PROJECT_ROOT / "docs" / "performance.md"
     original = PERFORMANCE_DOC.read_text()
     doc = tmp_path / "performance.md"
@@ -247,10 +247,11 @@ def test_cuda_check_refuses_without_a_gpu(tmp_path):
 
     problems = cuda_problems()
     if not problems:
-        pytest.skip("a GPU and the CUDA builds are here: run benchmarks/cuda_check.py itself (minutes), not this test")
+        pytest.skip("a GPU and the CUDA builds are here: run python -m benchmarks.cuda_check itself (minutes), not "
+                    "this test")
     out = tmp_path / "out"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "benchmarks/cuda_check.py", "--out", str(out)], cwd=PROJECT_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cuda_check", "--out", str(out)], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and time.perf_counter() - start < 60
     assert "the CUDA check needs an NVIDIA GPU" in proc.stderr
@@ -261,7 +262,7 @@ def test_cuda_check_refuses_without_a_gpu(tmp_path):
 
 def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
     """benchmarks/cuda_check.sh, as each call on a GPU machine runs it: rc 3 while parts are to come; once the
-    last is in, it unpacks them and runs benchmarks/cuda_check.py (here it refuses: no GPU)."""
+    last is in, it unpacks them and runs python -m benchmarks.cuda_check (here it refuses: no GPU)."""
     import io
     import tarfile
 
@@ -269,11 +270,8 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
 
     if not cuda_problems():
         pytest.skip("a GPU is here: the check would run in full")
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    try:
-        from cuda_check_pack import write_parts
-    finally:
-        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
+    from benchmarks.cuda_check_pack import write_parts
+
     archive = tmp_path / "pack.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         data = b"# a package from the pack\n" + bytes(4000)
@@ -303,7 +301,7 @@ def test_cuda_check_sh_stages_each_carried_part_then_runs_the_check(tmp_path):
 def test_served_speed_quick(tmp_path):
     """The logged pyfunc beside the bare loop and the transformers flavor on the same model, and staggered clients
     behind `mlflow models serve` whose greedy answers are those of the same requests alone, in one table."""
-    proc = run_quick("served_speed.py", tmp_path)
+    proc = run_quick("served_speed", tmp_path)
     results = json.loads((tmp_path / "served_speed.json").read_text())
     (lone,) = results["lone"].values()
     assert list(lone) == ["bare onnxruntime-genai loop", "pyfunc, after (continuous batching)",
@@ -319,7 +317,7 @@ def test_served_speed_quick(tmp_path):
 @pytest.mark.slow
 def test_quality_kld_quick(tmp_path):
     """The teacher-forced table: fp32 ONNX reads the held-out text as PyTorch float32 does; int4 departs."""
-    run_quick("quality_kld.py", tmp_path)
+    run_quick("quality_kld", tmp_path)
     results = json.loads((tmp_path / "quality_kld.json").read_text())
     rows = results["rows"]
     assert list(rows) == ["PyTorch float32 (reference)", "ours cpu-fp32", "ours cpu-int8", "ours cpu-int4"]

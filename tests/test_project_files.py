@@ -148,7 +148,7 @@ def test_docs_links_point_at_files_and_headings_that_exist(page):
 
 
 def test_performance_doc_holds_the_generated_blocks():
-    """benchmarks/{suite,batching,quantization_sweep}.py --update-docs rewrite these blocks."""
+    """python -m benchmarks.{suite,batching,quantization_sweep} --update-docs rewrite these blocks."""
     text = (PROJECT_ROOT / "docs" / "performance.md").read_text()
     for section in ("benchmarks", "batching", "quantization"):
         begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"

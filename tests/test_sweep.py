@@ -105,15 +105,8 @@ def test_the_picked_model_answers(swept):
 
 
 def test_sweep_report_copies_the_runs_table_and_pick_out_of_the_store(swept, tmp_path):
-    import sys
+    from benchmarks import sweep_report
 
-    from hf2mlflow import PROJECT_ROOT
-
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    try:
-        import sweep_report
-    finally:
-        sys.path.remove(str(PROJECT_ROOT / "benchmarks"))
     with local_store(swept["root"]):
         text = sweep_report.main(["--output_dir", str(tmp_path)])  # the newest FINISHED sweep run
     assert swept["latest"].info.run_id in text and swept["second"]["table"] in text

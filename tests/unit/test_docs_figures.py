@@ -16,10 +16,7 @@ BLOCKS = {"benchmarks": "suite.md", "batching": "batching.md", "quantization": "
 
 
 def test_every_generated_block_has_a_results_file():
-    import sys
-
-    sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
-    from docs_blocks import SECTIONS
+    from benchmarks.docs_blocks import SECTIONS
 
     assert set(SECTIONS) == set(BLOCKS)
 
