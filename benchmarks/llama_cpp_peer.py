@@ -569,7 +569,7 @@ def table(results: dict) -> str:
 def machine() -> dict:
     import psutil
 
-    from benchmarks.suite_report import cpu_name
+    from hf2mlflow.measure import cpu_name
 
     return {"cores": psutil.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30, "cpu": cpu_name(),
             "machine": platform.machine()}

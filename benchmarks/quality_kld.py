@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hf2mlflow import PROJECT_ROOT
 
-from benchmarks.suite_report import cpu_name
+from hf2mlflow.measure import cpu_name
 from benchmarks.suite_setup import models_store
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"

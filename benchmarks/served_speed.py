@@ -32,7 +32,7 @@ from hf2mlflow import PROJECT_ROOT
 from hf2mlflow.measure import BARE, SERVED, bare_session_options, logged_session_options
 
 from benchmarks.docs_blocks import update_docs
-from benchmarks.suite_report import cpu_name
+from hf2mlflow.measure import cpu_name
 from benchmarks.suite_sections import _free_port, speed_rounds
 from benchmarks.suite_setup import models_store, prompt_of_length
 

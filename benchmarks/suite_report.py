@@ -6,12 +6,12 @@ The Markdown is what `--update-docs` writes into docs/performance.md's `benchmar
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from pathlib import Path
 
 from hf2mlflow.contract import installed
+from hf2mlflow.measure import cpu_name
 from benchmarks.suite_setup import DEVICES, has_bf16
 
 
@@ -44,11 +44,6 @@ def collect(args, inputs, started: float, models: dict, full, speed: dict, agree
         "speed": speed, "targets": targets(speed), "parity": agreement, "served": serving,
         "conversion": conversion, "prompt_lengths": lengths, "llama_cpp": llama_cpp,
     }
-
-
-def cpu_name() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
 
 
 def _range(s: dict, fmt: str = "{:.1f}") -> str:

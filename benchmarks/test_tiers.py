@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-ci", action="store_true", help="skip .ci/run; time the tiers in this checkout")
     parser.add_argument("--output", default=str(RESULTS / "test_tiers"), help="results path, without suffix")
     args = parser.parse_args(argv)
-    from benchmarks.suite_report import cpu_name
+    from hf2mlflow.measure import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="test-tiers-"))
     log = work / "test_tiers.log"

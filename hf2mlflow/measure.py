@@ -47,6 +47,18 @@ def decode_rate(answer_s: float, ttft_s: float, new_tokens: int) -> float:
     return (new_tokens - 1) / (answer_s - ttft_s) if new_tokens > 1 and answer_s > ttft_s else float("nan")
 
 
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
 @dataclass
 class Answer:
     seconds: float

@@ -252,3 +252,17 @@ def test_an_int4_model_with_a_2_bit_output_layer_falls_below_the_floor(trained, 
         check_quality(GenAIModel(folder), source, load_target("cpu-int4").quality_floor)
     assert "below the target's quality_floor: mean KL divergence" in str(err.value)
     assert "> 0.3 allowed" in str(err.value) and "positions of the held-out text" in str(err.value)
+
+
+def test_the_shipped_sensitivity_table_is_the_one_cpu_int4_needs(trained):
+    """The package ships the trained model's table under the key of today's inputs (source files, reference
+    runtime, builder and options, calibration ids): the conversions use it rather than measuring for minutes.
+    When any input changes, this fails: measure again (convert with an empty cache) and ship the new table."""
+    from importlib import resources
+
+    from hf2mlflow.convert.sensitivity import SHIPPED_TABLES, table_inputs
+
+    _, _, key = table_inputs(resolve_model(load_model(MODEL)).path, load_target("cpu-int4"))
+    assert resources.files("hf2mlflow").joinpath(f"{SHIPPED_TABLES}/{key}.json").is_file(), key
+    assert trained["runs"]["cpu-int4"].data.tags["sensitivity_table"].startswith(
+        ("shipped with hf2mlflow (measured 2026-12-07", "reused from the cache"))

@@ -6,6 +6,8 @@ one matrix taken from the upgraded graph is run on the calibration text through 
 (runtime/kv_slots.py), and its teacher-forced KL divergence from the source model in PyTorch float32 is set
 against the base's. The saving per byte ranks the matrices; 8 bits go down that ranking until the budget is
 spent (`allocate`). The table is kept on disk, keyed by what it depends on, so a model is measured once.
+Tables measured for the models that come from the package registry ship in `sensitivity_tables/`, under the
+same key: one is used only where every input it depends on is the same (the cache folder takes precedence).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ CALIBRATION_TEXT = "sources/data/calibration_english.txt"  # its source and lice
 CALIBRATION_WINDOW = 256
 SKIPPED_POSITIONS = 16  # the first positions of a window see too little context to say much
 SENSITIVITY_ARTIFACT = "sensitivity.json"
+TABLE_VERSION = 1  # part of every table's key: raise it when what `measure` computes changes
+SHIPPED_TABLES = "convert/sensitivity_tables"  # in the package
 _QUANTIZED_SUFFIX = re.compile(r"_Q\d+$")
 
 
@@ -140,6 +144,7 @@ def measure(base_dir: Path, upgraded_dir: Path, reference, ids: list[int], sessi
     on `ids` against `reference` (a parity.TorchModel of the source model)."""
     import onnx
 
+    from hf2mlflow.measure import cpu_name
     from hf2mlflow.runtime.kv_slots import SlotDecoder
 
     windows = _windows(ids, reference.bos_id)
@@ -165,7 +170,9 @@ def measure(base_dir: Path, upgraded_dir: Path, reference, ids: list[int], sessi
             log(f"[sensitivity] {done}/{len(candidates)} matrices measured, about {left:.0f} s left")
     fixed = sum(b for name, (_, b, _) in at_4.items() if name not in candidates)
     fixed_params = sum(p for name, (p, _, _) in at_4.items() if name not in candidates)
-    return {"base_mean_kld": base_kld, "calibration_tokens": len(ids), "fixed_bytes": fixed,
+    # The CPU's int8 kernels decide the last digits of each figure.
+    return {"measured": {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores, {cpu_name()}"},
+            "base_mean_kld": base_kld, "calibration_tokens": len(ids), "fixed_bytes": fixed,
             "fixed_params": fixed_params, "matrices": [asdict(m) for m in matrices]}
 
 
@@ -192,36 +199,42 @@ def allocate(table: dict, budget) -> tuple[list[str], dict]:
 
 def table_key(source_digest: str, reference_runtime: dict, builder: str, options: list[str], ids: list[int]) -> str:
     """What a table depends on: the source model's files, how the reference runs, the builder and its options,
-    and the calibration token ids."""
+    the calibration token ids, and how the table is measured."""
     key = json.dumps({"source": source_digest, "reference": reference_runtime, "builder": builder,
-                      "options": sorted(options), "window": CALIBRATION_WINDOW, "skipped": SKIPPED_POSITIONS},
-                     sort_keys=True).encode() + np.asarray(ids, np.int64).tobytes()
+                      "options": sorted(options), "window": CALIBRATION_WINDOW, "skipped": SKIPPED_POSITIONS,
+                      "version": TABLE_VERSION}, sort_keys=True).encode() + np.asarray(ids, np.int64).tobytes()
     return hashlib.sha256(key).hexdigest()[:32]
 
 
-def cached_table(folder: Path, key: str, make: Callable[[], dict]) -> tuple[dict, bool]:
-    """The table under folder/<key>.json, made by `make` when absent; written whole or not at all, so a killed
-    run leaves nothing half-made to reuse. Returns (table, whether it came from the cache)."""
+def cached_table(folder: Path, key: str, make: Callable[[], dict]) -> tuple[dict, str]:
+    """The table under folder/<key>.json, else the one shipped under that key, else made by `make` and written
+    whole or not at all, so a killed run leaves nothing half-made to reuse. Returns the table and where it came
+    from: 'reused from the cache', 'shipped with hf2mlflow' or 'measured'."""
+    from importlib import resources
+
     path = folder / f"{key}.json"
     if path.is_file():
-        return json.loads(path.read_text()), True
+        return json.loads(path.read_text()), "reused from the cache"
+    shipped = resources.files("hf2mlflow").joinpath(f"{SHIPPED_TABLES}/{key}.json")
+    if shipped.is_file():
+        return json.loads(shipped.read_text()), "shipped with hf2mlflow"
     table = make()
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_text(json.dumps(table, indent=1))
     partial.replace(path)
-    return table, False
+    return table, "measured"
 
 
 @dataclass
 class Choice:
     """The matrices given 8 bits (builder names), the table they were chosen from, what the choice comes to,
-    and whether the table came from the cache."""
+    and where the table came from (cached_table)."""
 
     upgraded: list[str]
     table: dict
     summary: dict
-    cached: bool
+    source: str
 
     def node_bits(self) -> dict:
         """The content of hf2mlflow/convert/node_bits.py's FILE."""
@@ -233,22 +246,30 @@ class Choice:
         return {**{k: v for k, v in self.table.items() if k != "matrices"}, **self.summary, "matrices": rows}
 
 
+def table_inputs(source_dir: Path, target, trust_remote_code: bool = False):
+    """The reference (parity.TorchModel of the source model), the calibration ids and the table's key for
+    `target`'s precision_budget."""
+    from hf2mlflow.convert.genai_builder import builder_version
+    from hf2mlflow.digest import content_digest
+    from hf2mlflow.parity import TorchModel
+
+    reference = TorchModel.from_folder(source_dir, trust_remote_code)
+    ids = calibration_ids(reference.encode, target.precision_budget.calibration_tokens)
+    key = table_key(content_digest(source_dir), reference.runtime, builder_version(),
+                    target.builder_options.as_cli(), ids)
+    return reference, ids, key
+
+
 def choose(source_dir: Path, target, trust_remote_code: bool, work: Path, low_memory: bool = False,
            log=print) -> Choice:
     """The 8-bit matrices for `target`'s precision_budget: the sensitivity table from the cache, or measured by
     building the model at 4 and at 8 bits in `work`; then the budget's allocation."""
     import shutil
 
-    from hf2mlflow.convert.genai_builder import builder_version, run_builder
-    from hf2mlflow.digest import content_digest
-    from hf2mlflow.parity import TorchModel
+    from hf2mlflow.convert.genai_builder import run_builder
     from hf2mlflow.sources.tiny import home
 
-    budget = target.precision_budget
-    reference = TorchModel.from_folder(source_dir, trust_remote_code)
-    ids = calibration_ids(reference.encode, budget.calibration_tokens)
-    key = table_key(content_digest(source_dir), reference.runtime, builder_version(),
-                    target.builder_options.as_cli(), ids)
+    reference, ids, key = table_inputs(source_dir, target, trust_remote_code)
 
     def make() -> dict:
         base, upgraded, every = work / "sensitivity-4bit", work / "sensitivity-8bit", work / "every-8bit.json"
@@ -266,6 +287,6 @@ def choose(source_dir: Path, target, trust_remote_code: bool, work: Path, low_me
             shutil.rmtree(base, ignore_errors=True)
             shutil.rmtree(upgraded, ignore_errors=True)
 
-    table, cached = cached_table(home() / "sensitivity", key, make)
-    upgraded, summary = allocate(table, budget)
-    return Choice(upgraded, table, summary, cached)
+    table, source = cached_table(home() / "sensitivity", key, make)
+    upgraded, summary = allocate(table, target.precision_budget)
+    return Choice(upgraded, table, summary, source)

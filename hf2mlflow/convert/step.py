@@ -118,12 +118,14 @@ def _choose_precision(source_dir: Path, target, trust_remote_code: bool, work: P
     choice = choose(source_dir, target, trust_remote_code, work, low_memory)
     log_params_once({f"precision_budget.{k}": v for k, v in budget.model_dump(exclude_none=True).items()})
     mlflow.log_metrics({f"precision.{k}": v for k, v in choice.summary.items()})
-    mlflow.set_tag("sensitivity_table", "reused from the cache" if choice.cached else "measured")
+    measured = choice.table.get("measured", {})
+    mlflow.set_tag("sensitivity_table", choice.source + (f" (measured {measured['date']} on {measured['machine']})"
+                                                         if choice.source == "shipped with hf2mlflow" else ""))
     mlflow.log_dict(choice.artifact(), SENSITIVITY_ARTIFACT)
     summary = choice.summary
     print(f"[{STEP}] precision: {len(choice.upgraded)} of {summary['quantized_matrices']} matrices at 8 bits, "
           f"{summary['bits_per_weight']:.2f} bits per weight within {summary['budget_bits_per_weight']:.2f} "
-          f"(sensitivity table {'from the cache' if choice.cached else 'measured'}; {SENSITIVITY_ARTIFACT} in the run)")
+          f"(sensitivity table {choice.source}; {SENSITIVITY_ARTIFACT} in the run)")
     path = work / "node-bits.json"
     path.write_text(json.dumps(choice.node_bits()))
     return path

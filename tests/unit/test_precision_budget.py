@@ -1,10 +1,13 @@
 """The budget's allocation (hf2mlflow/convert/sensitivity.py): 8 bits go by KL divergence saved per extra byte,
-each matrix only if it still fits, never to a matrix that saved nothing."""
+each matrix only if it still fits, never to a matrix that saved nothing; and where a table comes from."""
+
+import json
+from importlib import resources
 
 import pytest
 
 from hf2mlflow.config import PrecisionBudget
-from hf2mlflow.convert.sensitivity import allocate, node_key
+from hf2mlflow.convert.sensitivity import SHIPPED_TABLES, allocate, cached_table, node_key
 
 # 500 weights; every matrix at 4 bits stores 280 bytes: 4.48 bits per weight.
 TABLE = {"base_mean_kld": 1.0, "fixed_bytes": 100, "fixed_params": 100, "matrices": [
@@ -34,3 +37,21 @@ def test_allocation_spends_the_budget_by_saving_per_byte(budget, chosen, bits):
 def test_quantized_node_names_map_back_to_the_builders():
     assert node_key("/model/layers.3/mlp/down_proj/MatMul_Q4") == "/model/layers.3/mlp/down_proj/MatMul"
     assert node_key("/lm_head/MatMul_Q8") == "/lm_head/MatMul"
+
+
+def test_a_table_comes_from_the_cache_then_the_package_then_a_measure(tmp_path):
+    shipped = next(resources.files("hf2mlflow").joinpath(SHIPPED_TABLES).iterdir()).name.removesuffix(".json")
+
+    def measure():
+        made.append(1)
+        return {"made": True}
+
+    made = []
+    table, source = cached_table(tmp_path, shipped, measure)
+    assert source == "shipped with hf2mlflow" and table["measured"]["date"] and not made
+    assert not (tmp_path / f"{shipped}.json").exists()  # the package's copy is read where it is
+    (tmp_path / f"{shipped}.json").write_text(json.dumps({"mine": True}))
+    assert cached_table(tmp_path, shipped, measure) == ({"mine": True}, "reused from the cache")
+    assert cached_table(tmp_path, "0" * 32, measure) == ({"made": True}, "measured") and made == [1]
+    assert json.loads((tmp_path / f"{'0' * 32}.json").read_text()) == {"made": True}
+    assert cached_table(tmp_path, "0" * 32, measure) == ({"made": True}, "reused from the cache") and made == [1]
