@@ -261,8 +261,10 @@ def test_the_shipped_sensitivity_table_is_the_one_cpu_int4_needs(trained):
     from importlib import resources
 
     from hf2mlflow.convert.sensitivity import SHIPPED_TABLES, table_inputs
+    from hf2mlflow.parity import TorchModel
 
-    _, _, key = table_inputs(resolve_model(load_model(MODEL)).path, load_target("cpu-int4"))
+    source = resolve_model(load_model(MODEL)).path
+    _, key = table_inputs(source, load_target("cpu-int4"), TorchModel.from_folder(source))
     assert resources.files("hf2mlflow").joinpath(f"{SHIPPED_TABLES}/{key}.json").is_file(), key
     assert trained["runs"]["cpu-int4"].data.tags["sensitivity_table"].startswith(
         ("shipped with hf2mlflow (measured 2026-12-07", "reused from the cache"))

@@ -246,21 +246,19 @@ class Choice:
         return {**{k: v for k, v in self.table.items() if k != "matrices"}, **self.summary, "matrices": rows}
 
 
-def table_inputs(source_dir: Path, target, trust_remote_code: bool = False):
-    """The reference (parity.TorchModel of the source model), the calibration ids and the table's key for
-    `target`'s precision_budget."""
+def table_inputs(source_dir: Path, target, reference) -> tuple[list[int], str]:
+    """The calibration ids and the table's key for `target`'s precision_budget; `reference` is the source model
+    in PyTorch (parity.TorchModel)."""
     from hf2mlflow.convert.genai_builder import builder_version
     from hf2mlflow.digest import content_digest
-    from hf2mlflow.parity import TorchModel
 
-    reference = TorchModel.from_folder(source_dir, trust_remote_code)
     ids = calibration_ids(reference.encode, target.precision_budget.calibration_tokens)
     key = table_key(content_digest(source_dir), reference.runtime, builder_version(),
                     target.builder_options.as_cli(), ids)
-    return reference, ids, key
+    return ids, key
 
 
-def choose(source_dir: Path, target, trust_remote_code: bool, work: Path, low_memory: bool = False,
+def choose(source_dir: Path, target, reference, trust_remote_code: bool, work: Path, low_memory: bool = False,
            log=print) -> Choice:
     """The 8-bit matrices for `target`'s precision_budget: the sensitivity table from the cache, or measured by
     building the model at 4 and at 8 bits in `work`; then the budget's allocation."""
@@ -269,7 +267,7 @@ def choose(source_dir: Path, target, trust_remote_code: bool, work: Path, low_me
     from hf2mlflow.convert.genai_builder import run_builder
     from hf2mlflow.sources.tiny import home
 
-    reference, ids, key = table_inputs(source_dir, target, trust_remote_code)
+    ids, key = table_inputs(source_dir, target, reference)
 
     def make() -> dict:
         base, upgraded, every = work / "sensitivity-4bit", work / "sensitivity-8bit", work / "every-8bit.json"

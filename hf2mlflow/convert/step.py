@@ -6,8 +6,9 @@ exporter (plain ONNX with a KV cache, served with onnxruntime) for architectures
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
+import functools
 import json
 import shutil
 import tempfile
@@ -74,8 +75,9 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
     })
     with _work_dir() as work:
         out = work / "onnx"
-        node_bits = _choose_precision(resolved.path, target, spec.trust_remote_code, work, memory.path == "low") \
-            if target.precision_budget else None
+        reference = _source_in_pytorch(resolved.path, spec.trust_remote_code)
+        node_bits = _choose_precision(resolved.path, target, reference(), spec.trust_remote_code, work,
+                                      memory.path == "low") if target.precision_budget else None
         print(f"[{STEP}] 2/4 building {target.precision} ONNX for {target.execution_provider} "
               f"with onnxruntime-genai {builder_version()}")
         build = run_builder(resolved.path, out, work / "builder-cache", target, spec.trust_remote_code,
@@ -101,13 +103,26 @@ def _convert_in_run(spec, target, cache_dir: str, builder_memory: str, memory_bu
             mlflow.set_tag("validation", f"graph checked; generated on {target.execution_provider} through "
                                          f"{check.engine}")
             print(f"[{STEP}] generated on {target.execution_provider} through {check.engine}: {check.text[:80]!r}")
-            _check_quality(candidate, resolved.path, target, spec.trust_remote_code)
+            _check_quality(candidate, resolved.path, target, spec.trust_remote_code, reference())
 
         genai_config = json.loads((out / "genai_config.json").read_text())
         _log_model_folder(out, genai_config["model"].get("context_length", ""))
 
 
-def _choose_precision(source_dir: Path, target, trust_remote_code: bool, work: Path, low_memory: bool) -> Path:
+def _source_in_pytorch(source_dir: Path, trust_remote_code: bool):
+    """The source model in PyTorch float32, loaded when first asked for: the precision choice and the quality
+    check read the same one."""
+    @functools.cache
+    def load():
+        from hf2mlflow.parity import TorchModel
+
+        return TorchModel.from_folder(source_dir, trust_remote_code)
+
+    return load
+
+
+def _choose_precision(source_dir: Path, target, reference, trust_remote_code: bool, work: Path,
+                      low_memory: bool) -> Path:
     """The target's precision_budget spent where it keeps the most quality (hf2mlflow/convert/sensitivity.py);
     the node-bits file the builder takes."""
     from hf2mlflow.convert.sensitivity import SENSITIVITY_ARTIFACT, choose
@@ -115,7 +130,7 @@ def _choose_precision(source_dir: Path, target, trust_remote_code: bool, work: P
     budget = target.precision_budget
     print(f"[{STEP}] precision: choosing the 8-bit matrices within {budget.describe()}, by "
           f"the KL divergence each saves on {budget.calibration_tokens} tokens of the calibration text")
-    choice = choose(source_dir, target, trust_remote_code, work, low_memory)
+    choice = choose(source_dir, target, reference, trust_remote_code, work, low_memory)
     log_params_once({f"precision_budget.{k}": v for k, v in budget.model_dump(exclude_none=True).items()})
     mlflow.log_metrics({f"precision.{k}": v for k, v in choice.summary.items()})
     measured = choice.table.get("measured", {})
@@ -204,12 +219,12 @@ def _log_validation(check) -> None:
                                                                       "for a quantized model)")))
 
 
-def _check_quality(candidate, source_dir: Path, target, trust_remote_code: bool) -> None:
+def _check_quality(candidate, source_dir: Path, target, trust_remote_code: bool, reference=None) -> None:
     from hf2mlflow.quality import SLICE_TOKENS
 
     print(f"[{STEP}] quality: teacher-forced against the source model in PyTorch float32 on the first "
           f"{SLICE_TOKENS} tokens of the held-out text")
-    summary = check_quality(candidate, source_dir, target.quality_floor, trust_remote_code)
+    summary = check_quality(candidate, source_dir, target.quality_floor, trust_remote_code, reference)
     mlflow.log_metrics({f"quality.{k}": v for k, v in summary.items()})
     floor = target.quality_floor.model_dump(exclude_none=True)
     print(f"[{STEP}] quality: mean KLD {summary['mean_kld']:.4g}, 99th pct {summary['p99_kld']:.4g}, top-1 "

@@ -275,7 +275,7 @@ def validate_optimum_model(model_dir: Path, source_dir: Path, max_new_tokens: in
                             tokenizer.decode(new_tokens, skip_special_tokens=True), time.perf_counter() - start)
 
 
-def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = False) -> dict:
+def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = False, reference=None) -> dict:
     """Teacher-forced quality of `candidate` (parity.ServedModel, GenAIModel or OptimumModel) against the source
     model in PyTorch float32 on the first tokens of the held-out text (hf2mlflow/quality.py); ValidationError, with
     the figures, when it falls below the target's quality floor."""
@@ -283,7 +283,7 @@ def check_quality(candidate, source_dir: Path, floor, trust_remote_code: bool = 
     from hf2mlflow.quality import SLICE_TOKENS, SLICE_WINDOW, floor_problems, held_out_ids, logits_cache, \
         teacher_forced
 
-    reference = TorchModel.from_folder(source_dir, trust_remote_code)
+    reference = reference or TorchModel.from_folder(source_dir, trust_remote_code)
     ids = held_out_ids(reference, SLICE_TOKENS)
     summary = teacher_forced(reference, candidate, ids, SLICE_WINDOW,
                              cache=logits_cache(source_dir, reference), bos=reference.bos_id)
